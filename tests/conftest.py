@@ -1,0 +1,38 @@
+"""Shared fixtures: one state dir (with the built-in models built once) for the whole session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def state_dir(tmp_path_factory) -> str:
+    """A state dir shared by the session; built-in models are generated into it once."""
+    path = tmp_path_factory.mktemp("twinkle-state")
+    os.environ["TWINKLE_STATE_DIR"] = str(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_path(state_dir) -> str:
+    from twinkle.modeling import resolve_model_path
+
+    return resolve_model_path("twinkle-tiny", state_dir)
+
+
+@pytest.fixture
+def make_engine(state_dir):
+    """Factory for fresh in-process engines on twinkle-tiny (or another model)."""
+    from twinkle.engine import Engine, EngineConfig
+
+    def factory(base_model: str = "twinkle-tiny", **overrides):
+        return Engine(EngineConfig(base_model=base_model, state_dir=state_dir, **overrides))
+
+    return factory

@@ -1,0 +1,44 @@
+"""Starting or joining Ray with settings that work on small machines and real clusters alike."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespace: str = "twinkle",
+             temp_dir: str | None = None, object_store_memory: int | None = None, log_to_driver: bool = False) -> None:
+    """Start an embedded local Ray (address None) or join an existing cluster ("auto", "ray://...").
+
+    An embedded Ray declares more logical CPUs than the machine has (at least 8): a placement group
+    bundle is a slot for a worker, not a core, and a 2-core machine must still fit the Serve replicas
+    plus a worker group. Token auth is off for the embedded cluster, which only listens locally.
+    """
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict = {"namespace": namespace, "log_to_driver": log_to_driver, "include_dashboard": False}
+    if address:
+        kwargs.pop("include_dashboard")
+        ray.init(address=address, **kwargs)
+        log.info("joined Ray cluster at %s", address)
+        return
+    cpus = num_cpus or max(8, 2 * (os.cpu_count() or 1))
+    kwargs.update(num_cpus=cpus, object_store_memory=object_store_memory or 512 * 1024 * 1024)
+    if temp_dir:
+        kwargs["_temp_dir"] = temp_dir
+    ray.init(**kwargs)
+    log.info("started an embedded Ray with %d logical CPUs", cpus)
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

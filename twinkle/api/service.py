@@ -1,0 +1,225 @@
+"""The API's behaviour for one base model, independent of where the engine runs.
+
+`ModelService` implements every method of `spec.API_METHODS` against an engine handle: the
+in-process `Engine`, or a proxy to Ray workers with the same methods. Local mode, Ray mode and the
+server all execute API calls through this class, so they share one code path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from twinkle.api.spec import (API_METHODS, CreateModelArgs, CreateSamplerArgs, Empty, ForwardArgs, FromCheckpointArgs,
+                              LoadArgs, ModelInfo, SampleArgs, SamplerInfo, SaveArgs, SaveSamplerArgs, StepArgs)
+from twinkle.errors import InvalidInputError, NotFoundError, PermissionDeniedError
+from twinkle.types import CheckpointInfo, ForwardResult, SampleResult, StepResult, TrainState
+
+CheckpointPathFn = Callable[[str, str, str], Path]  # (model_id, kind, name) -> folder
+
+
+class EngineHandle(Protocol):
+    """What the service needs from an engine (see `twinkle.engine.Engine`)."""
+
+    def info(self) -> dict: ...
+    def create_adapter(self, adapter_id, lora=None, *, adam=None, schedule=None): ...
+    def remove_adapter(self, adapter_id): ...
+    def has_adapter(self, adapter_id) -> bool: ...
+    def forward(self, adapter_id, data, loss="cross_entropy", loss_config=None): ...
+    def forward_backward(self, adapter_id, data, loss="cross_entropy", loss_config=None): ...
+    def optim_step(self, adapter_id, adam=None): ...
+    def sample(self, adapter_id, prompt_tokens, params=None, num_samples=1, include_prompt_logprobs=False,
+               topk_prompt_logprobs=0): ...
+    def save(self, adapter_id, path, *, with_optimizer=True, overwrite=True, kind="weights",
+             include_gradients=False, metadata=None): ...
+    def load(self, adapter_id, path, *, with_optimizer=True, create=True): ...
+    def train_state(self, adapter_id): ...
+
+
+@dataclass
+class _ModelRecord:
+    args: CreateModelArgs
+    pending_micro_steps: int = 0
+
+
+@dataclass
+class _SamplerRecord:
+    base_model: str
+    model_path: str | None
+
+
+def unpickle_loss(payload: bytes, allowed: bool):
+    if not allowed:
+        raise PermissionDeniedError(
+            "this server does not run client code; an operator can enable custom losses with "
+            "`trust_remote_code: true` in the server config", field="custom_loss")
+    import cloudpickle
+
+    try:
+        fn = cloudpickle.loads(payload)
+    except Exception as exc:
+        raise InvalidInputError(f"could not unpickle the custom loss: {exc}", field="custom_loss") from None
+    if not callable(fn):
+        raise InvalidInputError("the custom loss is not callable", field="custom_loss")
+    return fn
+
+
+class ModelService:
+    """Training models and samplers of one base model, on one engine."""
+
+    def __init__(self, base_model: str, engine: EngineHandle, checkpoint_path: CheckpointPathFn, *,
+                 allow_custom_loss: bool = True, max_sampler_adapters: int = 8) -> None:
+        self.base_model = base_model
+        self.engine = engine
+        self.checkpoint_path = checkpoint_path
+        self.allow_custom_loss = allow_custom_loss
+        self.max_sampler_adapters = max_sampler_adapters
+        self.engine_info = engine.info()
+        self.models: dict[str, _ModelRecord] = {}
+        self.samplers: dict[str, _SamplerRecord] = {}
+        self._sampler_adapters: OrderedDict[str, str] = OrderedDict()  # model_path -> adapter id (LRU)
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------ dispatch
+    def call(self, method: str, target_id: str | None, args):
+        """Run an API method by name (the entry point of every transport)."""
+        spec = API_METHODS.get(method)
+        if spec is None:
+            raise NotFoundError(f"unknown API method {method!r}", field="method")
+        if not isinstance(args, spec.args):
+            args = spec.args.model_validate(args)
+        with self._lock:
+            return getattr(self, method)(target_id, args)
+
+    # -------------------------------------------------------------- models
+    def _record(self, model_id: str) -> _ModelRecord:
+        try:
+            return self.models[model_id]
+        except KeyError:
+            raise NotFoundError(f"no training model {model_id!r}", field="model_id") from None
+
+    def _info(self, model_id: str) -> ModelInfo:
+        record = self._record(model_id)
+        args = record.args
+        return ModelInfo(
+            model_id=model_id, base_model=self.base_model, lora=self.engine.lora_config(model_id),
+            optimizer=args.optimizer, schedule=args.schedule, loss=args.loss, loss_config=args.loss_config,
+            grad_accumulation_steps=args.grad_accumulation_steps, vocab_size=self.engine_info["vocab_size"],
+            max_context=self.engine_info["max_context"], tokenizer_path=self.engine_info["model_path"],
+            train_state=self.engine.train_state(model_id),
+        )
+
+    def _check_default_loss(self, args: CreateModelArgs) -> None:
+        from twinkle.validation import lookup_loss, resolve_loss_config
+
+        resolve_loss_config(lookup_loss(args.loss), args.loss_config)
+
+    def create_model(self, model_id: str, args: CreateModelArgs) -> ModelInfo:
+        self._check_default_loss(args)
+        self.engine.create_adapter(model_id, args.lora, adam=args.optimizer, schedule=args.schedule)
+        self.models[model_id] = _ModelRecord(args)
+        return self._info(model_id)
+
+    def create_model_from_checkpoint(self, model_id: str, args: FromCheckpointArgs) -> ModelInfo:
+        self.engine.load(model_id, args.path, with_optimizer=args.with_optimizer, create=True)
+        lora = self.engine.lora_config(model_id)
+        self.models[model_id] = _ModelRecord(CreateModelArgs(base_model=self.base_model, lora=lora,
+                                                             name=args.name))
+        return self._info(model_id)
+
+    def get_info(self, model_id: str, args: Empty) -> ModelInfo:
+        return self._info(model_id)
+
+    def _loss_of(self, record: _ModelRecord, args: ForwardArgs):
+        if args.custom_loss is not None:
+            return unpickle_loss(args.custom_loss, self.allow_custom_loss), args.loss_config
+        if args.loss is None:
+            return record.args.loss, (args.loss_config if args.loss_config is not None else record.args.loss_config)
+        return args.loss, args.loss_config
+
+    def forward(self, model_id: str, args: ForwardArgs) -> ForwardResult:
+        loss, config = self._loss_of(self._record(model_id), args)
+        return self.engine.forward(model_id, args.data, loss, config)
+
+    def forward_backward(self, model_id: str, args: ForwardArgs) -> ForwardResult:
+        loss, config = self._loss_of(self._record(model_id), args)
+        return self.engine.forward_backward(model_id, args.data, loss, config)
+
+    def step(self, model_id: str, args: StepArgs) -> StepResult:
+        record = self._record(model_id)
+        record.pending_micro_steps += 1
+        if record.pending_micro_steps < record.args.grad_accumulation_steps:
+            return StepResult(metrics={"applied": 0.0, "accumulated": float(record.pending_micro_steps)})
+        record.pending_micro_steps = 0
+        result = self.engine.optim_step(model_id, args.optimizer)
+        return StepResult(metrics={**result.metrics, "applied": 1.0})
+
+    def save(self, model_id: str, args: SaveArgs) -> CheckpointInfo:
+        self._record(model_id)
+        path = self.checkpoint_path(model_id, args.kind, args.name)
+        with_optimizer = args.with_optimizer and args.kind == "weights"
+        return self.engine.save(model_id, path, with_optimizer=with_optimizer, overwrite=args.overwrite,
+                                kind=args.kind)
+
+    def load(self, model_id: str, args: LoadArgs) -> TrainState:
+        self._record(model_id)
+        return self.engine.load(model_id, args.path, with_optimizer=args.with_optimizer, create=False)
+
+    def train_state(self, model_id: str, args: Empty) -> TrainState:
+        self._record(model_id)
+        return self.engine.train_state(model_id)
+
+    def close_model(self, model_id: str, args: Empty) -> Empty:
+        self._record(model_id)
+        self.engine.remove_adapter(model_id)
+        del self.models[model_id]
+        return Empty()
+
+    def create_sampler_from_model(self, model_id: str, args: SaveSamplerArgs) -> SamplerInfo:
+        state = self.engine.train_state(model_id)
+        name = args.name or f"sampler-step{state.step}-{hashlib.sha1(model_id.encode()).hexdigest()[:6]}"
+        info = self.save(model_id, SaveArgs(name=name, with_optimizer=False, kind="sampler_weights"))
+        sampler_id = f"{model_id}/sampler/{name}"
+        return self.create_sampler(sampler_id, CreateSamplerArgs(base_model=self.base_model, model_path=info.path))
+
+    # ------------------------------------------------------------ samplers
+    def create_sampler(self, sampler_id: str, args: CreateSamplerArgs) -> SamplerInfo:
+        if args.model_path is not None:
+            self._sampler_adapter(args.model_path)  # load now: a bad path fails here, not at sample time
+        self.samplers[sampler_id] = _SamplerRecord(self.base_model, args.model_path)
+        return SamplerInfo(sampler_id=sampler_id, base_model=self.base_model, model_path=args.model_path,
+                           vocab_size=self.engine_info["vocab_size"], max_context=self.engine_info["max_context"],
+                           tokenizer_path=self.engine_info["model_path"])
+
+    def _sampler_adapter(self, model_path: str) -> str:
+        adapter = self._sampler_adapters.get(model_path)
+        if adapter is not None and self.engine.has_adapter(adapter):
+            self._sampler_adapters.move_to_end(model_path)
+            return adapter
+        adapter = "sampler:" + hashlib.sha256(str(model_path).encode()).hexdigest()[:16]
+        if self.engine.has_adapter(adapter):
+            self.engine.remove_adapter(adapter)
+        self.engine.load(adapter, model_path, with_optimizer=False, create=True)
+        self._sampler_adapters[model_path] = adapter
+        while len(self._sampler_adapters) > self.max_sampler_adapters:
+            _, old = self._sampler_adapters.popitem(last=False)
+            if self.engine.has_adapter(old):
+                self.engine.remove_adapter(old)
+        return adapter
+
+    def sample(self, sampler_id: str, args: SampleArgs) -> SampleResult:
+        try:
+            record = self.samplers[sampler_id]
+        except KeyError:
+            raise NotFoundError(f"no sampler {sampler_id!r}", field="sampler_id") from None
+        adapter = self._sampler_adapter(record.model_path) if record.model_path else None
+        return self.engine.sample(adapter, args.prompt_tokens, args.params, args.num_samples,
+                                  args.include_prompt_logprobs, args.topk_prompt_logprobs)
+
+    def release_sampler(self, sampler_id: str) -> None:
+        self.samplers.pop(sampler_id, None)

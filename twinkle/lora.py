@@ -1,0 +1,87 @@
+"""Choosing LoRA target modules from Tinker's options, for any transformers causal LM."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from twinkle.types import LoraConfig
+
+_ATTN_HINTS = ("attn", "attention")
+_MLP_HINTS = ("mlp", "feed_forward", "ffn")
+
+
+def target_modules(model: nn.Module, lora: LoraConfig) -> list[str]:
+    """Names (last path component) of the linear layers to adapt.
+
+    Attention and MLP projections are recognised by their parent module's name; the unembedding
+    is the model's output embedding. Returns sorted unique names, as peft's `target_modules` takes.
+    """
+    unembed = model.get_output_embeddings()
+    names: set[str] = set()
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        leaf = path.rsplit(".", 1)[-1]
+        parents = path.lower().split(".")[:-1]
+        if module is unembed:
+            if lora.train_unembed:
+                names.add(leaf)
+        elif any(h in p for p in parents for h in _ATTN_HINTS):
+            if lora.train_attn:
+                names.add(leaf)
+        elif any(h in p for p in parents for h in _MLP_HINTS):
+            if lora.train_mlp:
+                names.add(leaf)
+    if not names:
+        raise ValueError("no linear layers match the requested train_attn/train_mlp/train_unembed options")
+    return sorted(names)
+
+
+def targets_for(kinds: dict[str, str], lora: LoraConfig) -> list[str]:
+    """Target names for `lora` given the base model's `module_kinds` (computed before peft wraps it)."""
+    wanted = {"attn": lora.train_attn, "mlp": lora.train_mlp, "unembed": lora.train_unembed}
+    names = sorted(name for name, kind in kinds.items() if wanted[kind])
+    if not names:
+        raise ValueError("no linear layers match the requested train_attn/train_mlp/train_unembed options")
+    return names
+
+
+def peft_config(kinds: dict[str, str], lora: LoraConfig, base_model_name: str):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=targets_for(kinds, lora),
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_name,
+    )
+
+
+def lora_from_peft(peft_cfg, module_kinds: dict[str, str]) -> LoraConfig:
+    """Recover Tinker-style options from a PEFT adapter config (for adapters made elsewhere)."""
+    targets = set(peft_cfg.target_modules or [])
+    kinds = {module_kinds.get(t) for t in targets}
+    return LoraConfig(
+        rank=int(peft_cfg.r),
+        alpha=float(peft_cfg.lora_alpha),
+        train_attn="attn" in kinds,
+        train_mlp="mlp" in kinds,
+        train_unembed="unembed" in kinds,
+    )
+
+
+def module_kinds(model: nn.Module) -> dict[str, str]:
+    """Map each linear leaf name to 'attn', 'mlp' or 'unembed'."""
+    kinds: dict[str, str] = {}
+    for kind, flags in (("attn", dict(train_attn=True, train_mlp=False, train_unembed=False)),
+                        ("mlp", dict(train_attn=False, train_mlp=True, train_unembed=False)),
+                        ("unembed", dict(train_attn=False, train_mlp=False, train_unembed=True))):
+        try:
+            for name in target_modules(model, LoraConfig(**flags)):
+                kinds[name] = kind
+        except ValueError:
+            pass
+    return kinds
