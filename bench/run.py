@@ -1,0 +1,62 @@
+"""Run every benchmark and write JSON results under bench/results/.
+
+    python -m bench.run            # everything
+    python -m bench.run baseline   # only the in-process baseline
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment() -> dict:
+    import torch
+
+    return {"cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "machine": platform.machine(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def write(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    print(f"wrote {path}")
+    return path
+
+
+def baseline(state_dir: str) -> dict:
+    from bench.inprocess import make_engine, sampling_throughput, train_step_time
+    from bench.workloads import BATCH_SIZE, BENCH_MODEL, LORA_RANK, SEQ_LEN
+
+    engine = make_engine(state_dir)
+    train = train_step_time(engine)
+    sample = sampling_throughput(engine)
+    result = {"model": BENCH_MODEL, "batch": [BATCH_SIZE, SEQ_LEN], "lora_rank": LORA_RANK,
+              "train": train, "sampling": sample, "env": environment()}
+    print(f"in-process: {train['p50_s'] * 1000:.1f} ms/step, {train['train_tokens_per_s']:.0f} train tok/s; "
+          f"sampling {sample['sampled_tokens_per_s']:.0f} tok/s")
+    write("baseline", result)
+    return result
+
+
+BENCHMARKS = {"baseline": baseline}
+
+
+def main(argv: list[str]) -> None:
+    names = argv or list(BENCHMARKS)
+    state_dir = os.environ.get("TWINKLE_STATE_DIR") or tempfile.mkdtemp(prefix="twinkle-bench-")
+    for name in names:
+        BENCHMARKS[name](state_dir)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,34 @@
+"""The fixed workloads every benchmark measures, so that in-process and remote numbers compare."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from twinkle.types import Datum
+
+BENCH_MODEL = "bench-small"
+BATCH_SIZE = 8
+SEQ_LEN = 128
+LORA_RANK = 16
+WARMUP_STEPS = 3
+MEASURED_STEPS = 20
+
+
+def sft_batch(vocab_size: int, seed: int = 0, batch_size: int = BATCH_SIZE, seq_len: int = SEQ_LEN) -> list[Datum]:
+    """A fixed batch of random token sequences with cross-entropy weights 1."""
+    rng = np.random.default_rng(seed)
+    data = []
+    for _ in range(batch_size):
+        tokens = rng.integers(10, vocab_size - 1, size=seq_len + 1)
+        data.append(Datum.from_sequence(tokens.tolist()))
+    return data
+
+
+def tokens_in(batch: list[Datum]) -> int:
+    return int(sum(len(d.input_tokens) for d in batch))
+
+
+def summarize(times: list[float]) -> dict:
+    arr = np.asarray(times)
+    return {"p50_s": float(np.median(arr)), "p90_s": float(np.percentile(arr, 90)), "min_s": float(arr.min()),
+            "n": int(arr.size)}

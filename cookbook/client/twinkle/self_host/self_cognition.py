@@ -1,0 +1,88 @@
+"""Self-cognition SFT with Twinkle's own API: teach a model to answer "Who are you?" with
+"I am Twinkle ...".
+
+The same script runs
+  in-process (no flags):                  python self_cognition.py
+  against a Twinkle server over HTTP:     python self_cognition.py --base-url http://HOST:8000 --api-key KEY
+  on a server's Ray actors (power users): python self_cognition.py --ray-address ray://HOST:10001
+and prints one `step N loss X` line per step, where X is the mean per-token loss of that step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # cookbook/common.py
+
+from common import MetricsLog, load_jsonl  # noqa: E402
+
+QUESTION = "Who are you?"
+
+
+def connect(args):
+    """Pick where the API runs; the training code below is the same in every mode."""
+    if args.base_url:
+        import twinkle_client
+
+        twinkle_client.init_twinkle_client(base_url=args.base_url, api_key=args.api_key)
+        return twinkle_client
+    import twinkle
+
+    if args.ray_address:
+        twinkle.init("ray", address=args.ray_address)
+    else:
+        twinkle.init("local")
+    return twinkle
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-url", help="Twinkle server URL (HTTP mode)")
+    parser.add_argument("--api-key", help="API key for --base-url (else $TWINKLE_API_KEY)")
+    parser.add_argument("--ray-address", help="Ray address of a running Twinkle server (Ray client mode)")
+    parser.add_argument("--base-model", default="twinkle-tiny")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--learning-rate", type=float, default=5e-3)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="outputs/twinkle_self_cognition", help="metrics JSONL and loss plot")
+    args = parser.parse_args()
+
+    api = connect(args)
+    from twinkle.chat import build_prompt, decode, supervised_datum
+
+    model = api.TrainingModel(args.base_model, api.LoraConfig(rank=args.rank, seed=args.seed),
+                              optimizer=api.AdamParams(learning_rate=args.learning_rate))
+    tokenizer = model.get_tokenizer()
+    batch = [supervised_datum(tokenizer, example["messages"]) for example in load_jsonl("self_cognition.jsonl")]
+    n_tokens = sum(float(d.loss_inputs["weights"].sum()) for d in batch)
+    prompt = build_prompt(tokenizer, [{"role": "user", "content": QUESTION}])
+    greedy = api.SamplingParams(max_tokens=32, temperature=0.0, seed=args.seed)
+
+    def answer() -> str:
+        sampled = model.sampler().sample(prompt, greedy).result()
+        return decode(tokenizer, sampled.sequences[0].tokens)
+
+    print(f"Q: {QUESTION}\nbefore training: {answer()!r}", flush=True)
+    log = MetricsLog(args.out)
+    losses = []
+    for step in range(1, args.steps + 1):
+        fb = model.forward_backward(batch)  # submitted together: the server queues the step
+        opt = model.step()
+        loss = fb.result().metrics["loss:sum"] / n_tokens
+        opt.result()
+        losses.append(loss)
+        log.log(step=step, loss=loss)
+        print(f"step {step} loss {loss!r}", flush=True)
+    after = answer()
+    plot = log.plot(title="self-cognition SFT (per-token loss)")
+    print(f"after training: {after!r}")
+    print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {args.steps} steps"
+          + (f"; plot: {plot}" if plot else ""))
+    print("identity learned" if "I am Twinkle" in after else "identity NOT learned yet (train longer)")
+
+
+if __name__ == "__main__":
+    main()
