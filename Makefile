@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: setup
-	$(PY) -m twinkle.demo
+	$(PY) cookbook/client/twinkle/self_host/self_cognition.py --out outputs/demo
 
 test: setup
 	$(PY) -m pytest -q tests
