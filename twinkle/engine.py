@@ -19,7 +19,8 @@ import torch
 
 from twinkle import checkpoint as ckpt
 from twinkle.errors import ConflictError, InvalidInputError, NotFoundError
-from twinkle.losses.functions import LOSS_FUNCTIONS, LossContext, merge_metrics
+from twinkle.losses.functions import LOSS_FUNCTIONS, LossContext
+from twinkle.metrics import merge_metrics
 from twinkle.lora import lora_from_peft, module_kinds, peft_config
 from twinkle.modeling import load_causal_lm, load_tokenizer, resolve_model_path, vocab_size_of
 from twinkle.sampling import sample as sample_tokens

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from twinkle.actors.group import ActorGroup
 from twinkle.losses.specs import LOSS_SPECS
+from twinkle.metrics import merge_metrics
 from twinkle.types import ForwardResult
 
 
@@ -58,8 +59,6 @@ class RayEngine:
         return self._first("train_state", adapter_id)
 
     def _data_parallel(self, method: str, adapter_id, data, loss, loss_config) -> ForwardResult:
-        from twinkle.losses.functions import merge_metrics
-
         n = self.group.num_workers
         separable = isinstance(loss, str) and loss in LOSS_SPECS and LOSS_SPECS[loss].separable
         if n == 1 or not separable or len(data) < n:

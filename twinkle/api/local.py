@@ -66,6 +66,7 @@ class LocalBackend:
         service = self.services.get(base_model)
         if service is None:
             service = ModelService(base_model, self._make_engine(base_model), self._checkpoint_path,
+                                   offload_path=lambda model_id: safe_join(self.state_dir / "offload", model_id),
                                    allow_custom_loss=self.allow_custom_loss)
             self.services[base_model] = service
         return service

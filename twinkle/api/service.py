@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from twinkle.errors import InvalidInputError, NotFoundError, PermissionDeniedErr
 from twinkle.types import CheckpointInfo, ForwardResult, SampleResult, StepResult, TrainState
 
 CheckpointPathFn = Callable[[str, str, str], Path]  # (model_id, kind, name) -> folder
+OffloadPathFn = Callable[[str], Path]  # model_id -> folder for its offloaded state
 
 
 class EngineHandle(Protocol):
@@ -72,18 +74,76 @@ def unpickle_loss(payload: bytes, allowed: bool):
 class ModelService:
     """Training models and samplers of one base model, on one engine."""
 
-    def __init__(self, base_model: str, engine: EngineHandle, checkpoint_path: CheckpointPathFn, *,
-                 allow_custom_loss: bool = True, max_sampler_adapters: int = 8) -> None:
+    def __init__(self, base_model: str, engine: EngineHandle | None, checkpoint_path: CheckpointPathFn, *,
+                 offload_path: OffloadPathFn | None = None, allow_custom_loss: bool = True,
+                 max_sampler_adapters: int = 8, max_resident_models: int | None = None) -> None:
         self.base_model = base_model
-        self.engine = engine
         self.checkpoint_path = checkpoint_path
+        self.offload_path = offload_path
         self.allow_custom_loss = allow_custom_loss
         self.max_sampler_adapters = max_sampler_adapters
-        self.engine_info = engine.info()
+        self.max_resident_models = max_resident_models
+        self.engine: EngineHandle | None = None
+        self.engine_info: dict = {}
         self.models: dict[str, _ModelRecord] = {}
+        self._resident: OrderedDict[str, None] = OrderedDict()  # models whose adapter is in the engine (LRU)
+        self._offloaded: dict[str, Path] = {}
         self.samplers: dict[str, _SamplerRecord] = {}
         self._sampler_adapters: OrderedDict[str, str] = OrderedDict()  # model_path -> adapter id (LRU)
         self._lock = threading.RLock()
+        if engine is not None:
+            self.attach_engine(engine)
+
+    # ------------------------------------------------------ engine lifetime
+    def attach_engine(self, engine: EngineHandle) -> None:
+        """Use `engine` from now on; offloaded models are restored on their next request."""
+        with self._lock:
+            self.engine = engine
+            self.engine_info = engine.info()
+            self._sampler_adapters.clear()
+
+    def detach_engine(self) -> EngineHandle | None:
+        """Offload every model and let go of the engine (scale to zero); returns it for shutdown."""
+        with self._lock:
+            for model_id in list(self._resident):
+                self.offload(model_id)
+            engine, self.engine = self.engine, None
+            self._sampler_adapters.clear()
+            return engine
+
+    @property
+    def resident_models(self) -> list[str]:
+        return list(self._resident)
+
+    def offload(self, model_id: str) -> None:
+        """Save a model's adapter, optimizer and pending gradients to disk and free its memory."""
+        with self._lock:
+            if model_id not in self._resident:
+                return
+            if self.offload_path is None:
+                raise RuntimeError("this service has no offload folder")
+            folder = self.offload_path(model_id)
+            self.engine.save(model_id, folder, with_optimizer=True, include_gradients=True)
+            self.engine.remove_adapter(model_id)
+            del self._resident[model_id]
+            self._offloaded[model_id] = folder
+
+    def _ensure_resident(self, model_id: str) -> None:
+        if self.engine is None:
+            raise RuntimeError("the model's workers are not running")
+        if model_id in self._resident:
+            self._resident.move_to_end(model_id)
+            return
+        self._make_room()
+        folder = self._offloaded.pop(model_id, None)
+        if folder is not None:
+            self.engine.load(model_id, folder, with_optimizer=True, create=True)
+        self._resident[model_id] = None
+
+    def _make_room(self) -> None:
+        if self.max_resident_models and self.offload_path is not None:
+            while len(self._resident) >= self.max_resident_models:
+                self.offload(next(iter(self._resident)))
 
     # ------------------------------------------------------------ dispatch
     def call(self, method: str, target_id: str | None, args):
@@ -99,9 +159,11 @@ class ModelService:
     # -------------------------------------------------------------- models
     def _record(self, model_id: str) -> _ModelRecord:
         try:
-            return self.models[model_id]
+            record = self.models[model_id]
         except KeyError:
             raise NotFoundError(f"no training model {model_id!r}", field="model_id") from None
+        self._ensure_resident(model_id)
+        return record
 
     def _info(self, model_id: str) -> ModelInfo:
         record = self._record(model_id)
@@ -121,15 +183,19 @@ class ModelService:
 
     def create_model(self, model_id: str, args: CreateModelArgs) -> ModelInfo:
         self._check_default_loss(args)
+        self._make_room()
         self.engine.create_adapter(model_id, args.lora, adam=args.optimizer, schedule=args.schedule)
         self.models[model_id] = _ModelRecord(args)
+        self._resident[model_id] = None
         return self._info(model_id)
 
     def create_model_from_checkpoint(self, model_id: str, args: FromCheckpointArgs) -> ModelInfo:
+        self._make_room()
         self.engine.load(model_id, args.path, with_optimizer=args.with_optimizer, create=True)
         lora = self.engine.lora_config(model_id)
         self.models[model_id] = _ModelRecord(CreateModelArgs(base_model=self.base_model, lora=lora,
                                                              name=args.name))
+        self._resident[model_id] = None
         return self._info(model_id)
 
     def get_info(self, model_id: str, args: Empty) -> ModelInfo:
@@ -175,16 +241,21 @@ class ModelService:
         return self.engine.train_state(model_id)
 
     def close_model(self, model_id: str, args: Empty) -> Empty:
-        self._record(model_id)
-        self.engine.remove_adapter(model_id)
+        if model_id not in self.models:
+            raise NotFoundError(f"no training model {model_id!r}", field="model_id")
+        if model_id in self._resident:
+            self.engine.remove_adapter(model_id)
+            del self._resident[model_id]
+        self._offloaded.pop(model_id, None)
         del self.models[model_id]
         return Empty()
 
     def create_sampler_from_model(self, model_id: str, args: SaveSamplerArgs) -> SamplerInfo:
+        self._record(model_id)
         state = self.engine.train_state(model_id)
-        name = args.name or f"sampler-step{state.step}-{hashlib.sha1(model_id.encode()).hexdigest()[:6]}"
+        name = args.name or f"snapshot-step{state.step}-{uuid.uuid4().hex[:8]}"
         info = self.save(model_id, SaveArgs(name=name, with_optimizer=False, kind="sampler_weights"))
-        sampler_id = f"{model_id}/sampler/{name}"
+        sampler_id = args.sampler_id or f"{model_id}/sampler/{name}"
         return self.create_sampler(sampler_id, CreateSamplerArgs(base_model=self.base_model, model_path=info.path))
 
     # ------------------------------------------------------------ samplers
@@ -197,6 +268,8 @@ class ModelService:
                            tokenizer_path=self.engine_info["model_path"])
 
     def _sampler_adapter(self, model_path: str) -> str:
+        if self.engine is None:
+            raise RuntimeError("the model's workers are not running")
         adapter = self._sampler_adapters.get(model_path)
         if adapter is not None and self.engine.has_adapter(adapter):
             self._sampler_adapters.move_to_end(model_path)
@@ -218,6 +291,8 @@ class ModelService:
         except KeyError:
             raise NotFoundError(f"no sampler {sampler_id!r}", field="sampler_id") from None
         adapter = self._sampler_adapter(record.model_path) if record.model_path else None
+        if self.engine is None:
+            raise RuntimeError("the model's workers are not running")
         return self.engine.sample(adapter, args.prompt_tokens, args.params, args.num_samples,
                                   args.include_prompt_logprobs, args.topk_prompt_logprobs)
 

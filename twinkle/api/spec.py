@@ -102,6 +102,7 @@ class SampleArgs(_Model):
 
 class SaveSamplerArgs(_Model):
     name: str | None = None
+    sampler_id: str | None = None  # chosen by the server; None derives one from the name
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,178 @@
+"""The server's configuration: a strict, validated schema with defaults that work on a laptop.
+
+`twinkle serve --config FILE` loads YAML into `ServerConfig`; `twinkle check-config FILE` only
+validates it. Unknown keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+API_KEYS_ENV = "TWINKLE_API_KEYS"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SamplerConfig(_Strict):
+    """Where sampling runs: on the training workers (colocated) or on separate workers."""
+
+    backend: Literal["transformers", "vllm"] = "transformers"
+    num_workers: int = Field(0, ge=0, description="0 = sample on the training workers")
+    gpus_per_worker: float = Field(0.0, ge=0)
+    max_loaded_adapters: int = Field(8, ge=1)
+    engine_args: dict = Field(default_factory=dict, description="passed to vLLM when backend is vllm")
+
+
+class ParallelismConfig(_Strict):
+    """Model-parallel layout (Megatron backend); data parallelism comes from num_workers."""
+
+    tensor_parallel: int = Field(1, ge=1)
+    pipeline_parallel: int = Field(1, ge=1)
+    context_parallel: int = Field(1, ge=1)
+    expert_parallel: int = Field(1, ge=1)
+    sequence_parallel: bool = False
+
+
+class ModelConfig(_Strict):
+    """One base model the server hosts."""
+
+    name: str = Field(description="the name clients use as base_model")
+    path: str | None = Field(None, description="Hugging Face id or local folder; default: the name")
+    backend: Literal["transformers", "megatron"] = "transformers"
+    num_workers: int = Field(1, ge=1, description="data-parallel training ranks, one bundle each")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("auto", description="'auto' picks cuda when the worker has a GPU, else cpu")
+    max_lora_rank: int = Field(128, ge=1)
+    max_adapters: int = Field(64, ge=1, description="resident adapters; idle ones are offloaded")
+    max_context_length: int | None = None
+    micro_batch_tokens: int = Field(8192, ge=64)
+    num_threads: int | None = Field(None, ge=1, description="torch threads per worker; default: all cores")
+    preload: bool = Field(True, description="start the workers with the server instead of on first use")
+    parallelism: ParallelismConfig = Field(default_factory=ParallelismConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+
+    @property
+    def source(self) -> str:
+        return self.path or self.name
+
+
+class AuthConfig(_Strict):
+    api_keys: dict[str, str] = Field(default_factory=dict, description="tenant -> API key")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_unique(cls, keys: dict[str, str]) -> dict[str, str]:
+        if len(set(keys.values())) != len(keys):
+            raise ValueError("two tenants share one API key")
+        for tenant, key in keys.items():
+            if not tenant or not key:
+                raise ValueError("tenants and keys must be non-empty")
+        return keys
+
+
+class LimitsConfig(_Strict):
+    max_datums_per_request: int = Field(1024, ge=1)
+    max_tokens_per_request: int = Field(1_048_576, ge=1)
+    max_samples_per_request: int = Field(128, ge=1)
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+
+
+class TimeoutsConfig(_Strict):
+    long_poll_s: float = Field(30.0, gt=0, lt=45, description="must stay below the Tinker SDK's 45 s")
+    session_timeout_s: float = Field(300.0, gt=0, description="no heartbeat for this long: session expires")
+    adapter_idle_s: float = Field(900.0, gt=0, description="offload adapters idle this long to disk")
+    model_idle_release_s: float = Field(600.0, gt=0, description="release a model's workers when unused")
+    seq_gap_s: float = Field(10.0, gt=0, description="stop waiting for a missing seq_id after this long")
+    result_ttl_s: float = Field(86400.0, gt=0, description="keep finished results this long")
+    sweep_interval_s: float = Field(10.0, gt=0)
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="None: start an embedded Ray; 'auto' or ray://... to join")
+    num_cpus: int | None = Field(None, ge=1, description="logical CPUs of an embedded Ray")
+    namespace: str = "twinkle"
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    state_dir: str = "twinkle_state"
+    trust_remote_code: bool = Field(False, description="allow clients' pickled custom losses")
+    ingress_replicas: int = Field(1, ge=1)
+    models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig(name="twinkle-tiny")])
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> "ServerConfig":
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        if not self.models:
+            raise ValueError("configure at least one model")
+        return self
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def resolved_keys(self) -> dict[str, str]:
+        """tenant -> key from the config, overlaid by $TWINKLE_API_KEYS ("alice:KEY1,bob:KEY2")."""
+        keys = dict(self.auth.api_keys)
+        keys.update(parse_api_keys(os.environ.get(API_KEYS_ENV, "")))
+        return keys
+
+    def check_secure(self) -> None:
+        """Refuse to listen beyond loopback without keys."""
+        if not self.is_loopback and not self.resolved_keys():
+            raise ValueError(f"host {self.host!r} is reachable beyond this machine: configure API keys "
+                             f"(auth.api_keys or ${API_KEYS_ENV}) or listen on 127.0.0.1")
+
+
+def parse_api_keys(spec: str) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        tenant, sep, key = item.partition(":")
+        if not sep or not tenant.strip() or not key.strip():
+            raise ValueError(f"{API_KEYS_ENV} entries look like tenant:key, got {item!r}")
+        keys[tenant.strip()] = key.strip()
+    return keys
+
+
+def load_config(path: str | Path | None = None, **overrides) -> ServerConfig:
+    """Load YAML (if given), apply non-None overrides (CLI flags), validate."""
+    data: dict = {}
+    if path:
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the top level must be a mapping")
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key == "model":
+            data["models"] = [{"name": value}]
+        else:
+            data[key] = value
+    return ServerConfig.model_validate(data)

@@ -1,0 +1,88 @@
+"""The FastAPI application and its Ray Serve deployment."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from twinkle.config import ServerConfig
+from twinkle.errors import NotFoundError, TwinkleError
+from twinkle.http import rest_routes, tinker_routes
+from twinkle.http.common import context, install_context, tenant_of
+from twinkle.http.context import ServerContext
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json",
+                   "config.json")
+
+
+def _error_body(error: TwinkleError) -> dict:
+    body = error.to_dict()
+    body["detail"] = body["error"]
+    return body
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="Twinkle", version="0.1.0", docs_url="/api/v1/docs", openapi_url="/api/v1/openapi.json")
+    app.include_router(tinker_routes.router)
+    app.include_router(rest_routes.router)
+
+    @app.exception_handler(TwinkleError)
+    async def twinkle_error(request: Request, exc: TwinkleError) -> JSONResponse:
+        return JSONResponse(_error_body(exc), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        field = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return JSONResponse(_error_body(TwinkleError(first.get("msg", "invalid request"), field=field))
+                            | {"category": "user", "type": "InvalidInputError"}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse({"error": f"internal server error ({type(exc).__name__}); the server log has details",
+                             "detail": "internal server error", "category": "server", "type": "TwinkleError"},
+                            status_code=500)
+
+    @app.get("/api/v1/twinkle/tokenizer/{base_model:path}")
+    async def tokenizer_files(base_model: str, request: Request) -> dict:
+        """The tokenizer files of a hosted model, for clients that cannot reach the Hub."""
+        await tenant_of(request)
+        info = context(request).info(base_model)
+        folder = Path(info["model_path"])
+        if not folder.is_dir():
+            raise NotFoundError(f"{base_model} loads its tokenizer from the Hub id {info['model_path']!r}",
+                                field="base_model")
+        files = {name: base64.b64encode((folder / name).read_bytes()).decode()
+                 for name in TOKENIZER_FILES if (folder / name).is_file()}
+        return {"base_model": base_model, "files": files}
+
+    @app.get("/api/v1/twinkle/status")
+    async def status(request: Request) -> dict:
+        await tenant_of(request)
+        ctx = context(request)
+        return {"models": {name: await handle.stats.remote() for name, handle in ctx.schedulers.items()}}
+
+    return app
+
+
+app = create_app()
+
+
+@serve.deployment(name="TwinkleIngress", max_ongoing_requests=10_000)
+@serve.ingress(app)
+class TwinkleIngress:
+    """The ingress replica: stateless apart from caches; restarts lose nothing."""
+
+    def __init__(self, config: dict) -> None:
+        logging.basicConfig(level=logging.INFO)
+        install_context(ServerContext(ServerConfig.model_validate(config)))

@@ -1,0 +1,204 @@
+"""What the ingress needs to serve a request: config, store, keys, and the model schedulers.
+
+No model state lives here: futures, sessions and checkpoint records are in the store, training
+state in the schedulers' workers. A restarted ingress rebuilds this from the store and by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from twinkle import wire
+from twinkle.actors.scheduler import WorkItem, run_dir_name, scheduler_name
+from twinkle.config import ServerConfig
+from twinkle.errors import InvalidInputError, NotFoundError, ServerUnavailableError
+from twinkle.http.auth import KeyRing
+from twinkle.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class ServerContext:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.state_dir = Path(config.state_dir).resolve()
+        self.store = Store(self.state_dir / "twinkle.db")
+        self.keys = KeyRing(config.resolved_keys())
+        self.schedulers: dict[str, Any] = {}
+        self.model_info: dict[str, dict] = {}
+        self._models: dict[str, tuple[str, str]] = {}  # model_id -> (tenant, base_model)
+        self._futures: dict[str, tuple[str, str | None, dict]] = {}  # request_id -> (tenant, base, extra)
+        self._started = False
+        self._start_lock = asyncio.Lock()
+        self._janitor: asyncio.Task | None = None
+
+    # -------------------------------------------------------------- startup
+    async def ensure_started(self) -> None:
+        if self._started:
+            return
+        async with self._start_lock:
+            if self._started:
+                return
+            import ray
+
+            for model in self.config.models:
+                handle = await asyncio.to_thread(ray.get_actor, scheduler_name(model.name),
+                                                 namespace=self.config.ray.namespace)
+                self.schedulers[model.name] = handle
+                self.model_info[model.name] = await handle.info.remote()
+            self._janitor = asyncio.get_running_loop().create_task(self._janitor_loop())
+            self._started = True
+
+    async def db(self, fn, *args, **kwargs):
+        """Run a store call off the event loop."""
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    def scheduler(self, base_model: str):
+        handle = self.schedulers.get(base_model)
+        if handle is None:
+            raise InvalidInputError(f"unknown base model {base_model!r}; this server hosts "
+                                    f"{sorted(self.schedulers)}", field="base_model")
+        return handle
+
+    def info(self, base_model: str) -> dict:
+        self.scheduler(base_model)
+        return self.model_info[base_model]
+
+    # ---------------------------------------------------------------- owners
+    async def require_session(self, session_id: str, tenant: str) -> dict:
+        session = await self.db(self.store.get_session, session_id, tenant)
+        if session is None:
+            raise NotFoundError(f"no session {session_id!r}", field="session_id")
+        return session
+
+    async def model_owner(self, model_id: str, tenant: str) -> str:
+        """The base model of a training model that belongs to `tenant` (404 otherwise)."""
+        cached = self._models.get(model_id)
+        if cached is not None:
+            if cached[0] != tenant:
+                raise NotFoundError(f"no model {model_id!r}", field="model_id")
+            return cached[1]
+        row = await self.db(self.store.get_model, model_id, tenant)
+        if row is None or row["status"] == "unloaded":
+            raise NotFoundError(f"no model {model_id!r}", field="model_id")
+        self._models[model_id] = (tenant, row["base_model"])
+        return row["base_model"]
+
+    def forget_model(self, model_id: str) -> None:
+        self._models.pop(model_id, None)
+
+    @staticmethod
+    def run_dir(model_id: str) -> str:
+        return run_dir_name(model_id)
+
+    # --------------------------------------------------------------- futures
+    async def submit(self, tenant: str, base_model: str, method: str, target_id: str | None, args, *,
+                     seq_id: int | None = None, ordered: bool = False, extra: dict | None = None,
+                     record: dict | None = None, idempotency_key: str | None = None) -> str:
+        """Create (or find, for a retry) the durable future of a request and queue it."""
+        scheduler = self.scheduler(base_model)
+        kind = "train" if ordered else method
+        record_, _created = await self.db(
+            self.store.create_future, uuid.uuid4().hex, tenant, kind=kind, target_id=target_id, seq_id=seq_id,
+            base_model=base_model, extra=extra or {}, idempotency_key=idempotency_key)
+        request_id = record_.request_id
+        self._futures[request_id] = (tenant, base_model, record_.extra)
+        if record_.status == "pending":  # re-submitting a retry is harmless: the scheduler dedupes
+            item = WorkItem(request_id, tenant, method, target_id, args, seq_id=seq_id, ordered=ordered,
+                            record=record or {})
+            await scheduler.submit.remote(item)
+        return request_id
+
+    async def call(self, tenant: str, base_model: str, method: str, target_id: str | None, args, *,
+                   record: dict | None = None) -> Any:
+        """Run a request through the model's queue and wait for its result (direct replies)."""
+        item = WorkItem(uuid.uuid4().hex, tenant, method, target_id, args, record=record or {})
+        status, payload = await self.scheduler(base_model).call.remote(item)
+        if status == "failed":
+            raise _error_from(payload)
+        return payload
+
+    async def skip(self, base_model: str, target_id: str, seq_id: int | None) -> None:
+        """A request was rejected before queueing: let later seq_ids of the model proceed."""
+        if seq_id is not None and base_model in self.schedulers:
+            await self.schedulers[base_model].skip.remote(target_id, seq_id)
+
+    async def wait_future(self, request_id: str, tenant: str, timeout: float) -> tuple[str, Any, dict]:
+        """(status, payload, extra): status is done, failed or pending."""
+        cached = self._futures.get(request_id)
+        if cached is None or cached[0] != tenant:
+            record = await self.db(self.store.get_future, request_id, tenant)
+            if record is None:
+                raise NotFoundError(f"no future {request_id!r}", field="request_id")
+            if record.status == "done":
+                return "done", wire.loads(record.result), record.extra
+            if record.status == "failed":
+                return "failed", record.error, record.extra
+            cached = (record.tenant, record.base_model, record.extra)
+            self._futures[request_id] = cached
+        _, base_model, extra = cached
+        try:
+            outcome = await self.scheduler(base_model).wait.remote(request_id, timeout)
+        except Exception as exc:  # the scheduler actor is gone
+            raise ServerUnavailableError(f"the {base_model} scheduler is unavailable: {type(exc).__name__}") from None
+        if outcome is None:
+            return "pending", None, extra
+        status, payload = outcome
+        if status == "unknown":
+            record = await self.db(self.store.get_future, request_id, tenant)
+            if record is not None and record.status == "done":
+                return "done", wire.loads(record.result), record.extra
+            if record is not None and record.status == "failed":
+                return "failed", record.error, record.extra
+            error = {"error": "the server restarted and lost this request before it ran; submit it again",
+                     "category": "server"}
+            await self.db(self.store.fail_future, request_id, error)
+            return "failed", error, extra
+        return status, payload, extra
+
+    # ---------------------------------------------------------------- janitor
+    async def _janitor_loop(self) -> None:
+        """Expire silent sessions, drop old results and expired checkpoints."""
+        timeouts = self.config.timeouts
+        while True:
+            await asyncio.sleep(timeouts.sweep_interval_s)
+            try:
+                now = time.time()
+                for session in await self.db(self.store.stale_sessions, now - timeouts.session_timeout_s):
+                    await self.end_session(session["session_id"], "expired")
+                await self.db(self.store.purge_futures, now - timeouts.result_ttl_s)
+                for ckpt in await self.db(self.store.expired_checkpoints, now):
+                    await self.db(self.store.delete_checkpoint, ckpt["run_id"], ckpt["checkpoint_id"], ckpt["tenant"])
+                    await asyncio.to_thread(_remove_tree, ckpt["folder"])
+                if len(self._futures) > 200_000:
+                    self._futures.clear()
+            except Exception:
+                log.exception("janitor sweep failed")
+
+    async def end_session(self, session_id: str, status: str) -> None:
+        """Mark a session ended and offload its models (they come back if used again)."""
+        await self.db(self.store.set_session_status, session_id, status)
+        by_model: dict[str, list[str]] = {}
+        for model in await self.db(self.store.models_of_session, session_id):
+            if model["status"] == "active":
+                by_model.setdefault(model["base_model"], []).append(model["model_id"])
+        for base_model, model_ids in by_model.items():
+            if base_model in self.schedulers:
+                await self.schedulers[base_model].offload.remote(model_ids)
+
+
+def _remove_tree(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _error_from(payload: dict):
+    from twinkle.errors import error_from_dict
+
+    return error_from_dict(payload, payload.get("status_code"))

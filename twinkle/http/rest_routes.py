@@ -1,0 +1,175 @@
+"""Tinker's REST routes: training runs and their checkpoints (list, delete, publish, TTL)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from datetime import datetime, timezone
+
+from fastapi import APIRouter, Request
+
+from twinkle.errors import NotFoundError, UnprocessableError
+from twinkle.http.common import Body, context, parse, resolve_checkpoint, tenant_of, tinker_path
+
+router = APIRouter(prefix="/api/v1")
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _str_metadata(metadata) -> dict[str, str] | None:
+    return None if not metadata else {str(k): str(v) for k, v in dict(metadata).items()}
+
+
+def checkpoint_json(row: dict) -> dict:
+    segment, name = row["checkpoint_id"].split("/", 1)
+    return {
+        "checkpoint_id": row["checkpoint_id"],
+        "checkpoint_type": row["kind"],
+        "time": _iso(row["created_at"]),
+        "tinker_path": tinker_path(row["run_id"], segment, name),
+        "size_bytes": row["size_bytes"],
+        "public": bool(row["public"]),
+        "user_metadata": _str_metadata(row["user_metadata"]),
+        "expires_at": _iso(row["expires_at"]),
+    }
+
+
+async def _training_run(ctx, model: dict) -> dict:
+    last = await ctx.db(ctx.store.last_checkpoints, model["model_id"])
+    return {
+        "training_run_id": model["model_id"],
+        "base_model": model["base_model"],
+        "model_owner": model["tenant"],
+        "is_lora": True,
+        "corrupted": False,
+        "lora_rank": model["lora"].get("rank"),
+        "last_request_time": _iso(model["last_request_at"]),
+        "last_checkpoint": checkpoint_json(last["training"]) if "training" in last else None,
+        "last_sampler_checkpoint": checkpoint_json(last["sampler"]) if "sampler" in last else None,
+        "user_metadata": _str_metadata(model["user_metadata"]),
+    }
+
+
+async def _own_model(ctx, run_id: str, tenant: str) -> dict:
+    model = await ctx.db(ctx.store.get_model, run_id, tenant)
+    if model is None:
+        raise NotFoundError(f"no training run {run_id!r}", field="training_run_id")
+    return model
+
+
+@router.get("/training_runs")
+async def list_training_runs(request: Request, limit: int = 20, offset: int = 0) -> dict:
+    tenant = await tenant_of(request)
+    ctx = context(request)
+    models, total = await ctx.db(ctx.store.list_models, tenant, limit, offset)
+    runs = [await _training_run(ctx, m) for m in models]
+    return {"training_runs": runs, "cursor": {"offset": offset, "limit": limit, "total_count": total}}
+
+
+@router.get("/training_runs/{run_id}")
+async def get_training_run(run_id: str, request: Request) -> dict:
+    tenant = await tenant_of(request)
+    ctx = context(request)
+    return await _training_run(ctx, await _own_model(ctx, run_id, tenant))
+
+
+@router.get("/training_runs/{run_id}/checkpoints")
+async def list_run_checkpoints(run_id: str, request: Request) -> dict:
+    tenant = await tenant_of(request)
+    ctx = context(request)
+    await _own_model(ctx, run_id, tenant)
+    rows, total = await ctx.db(ctx.store.list_checkpoints, tenant, run_id)
+    return {"checkpoints": [checkpoint_json(r) for r in rows],
+            "cursor": {"offset": 0, "limit": len(rows), "total_count": total}}
+
+
+@router.get("/checkpoints")
+async def list_user_checkpoints(request: Request, limit: int = 100, offset: int = 0) -> dict:
+    tenant = await tenant_of(request)
+    ctx = context(request)
+    rows, total = await ctx.db(ctx.store.list_checkpoints, tenant, None, limit, offset)
+    return {"checkpoints": [checkpoint_json(r) for r in rows],
+            "cursor": {"offset": offset, "limit": limit, "total_count": total}}
+
+
+async def _own_checkpoint(ctx, run_id: str, checkpoint_id: str, tenant: str) -> dict:
+    row = await ctx.db(ctx.store.get_checkpoint, run_id, checkpoint_id, tenant)
+    if row is None or row["tenant"] != tenant:
+        raise NotFoundError(f"no checkpoint {checkpoint_id!r} in run {run_id!r}", field="checkpoint_id")
+    return row
+
+
+@router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}")
+async def delete_checkpoint(run_id: str, checkpoint_id: str, request: Request) -> dict:
+    tenant = await tenant_of(request)
+    ctx = context(request)
+    if checkpoint_id.endswith("/publish"):
+        await _own_checkpoint(ctx, run_id, checkpoint_id[: -len("/publish")], tenant)
+        await ctx.db(ctx.store.update_checkpoint, run_id, checkpoint_id[: -len("/publish")], tenant, public=0)
+        return {}
+    row = await ctx.db(ctx.store.delete_checkpoint, run_id, checkpoint_id, tenant)
+    if row is None:
+        raise NotFoundError(f"no checkpoint {checkpoint_id!r} in run {run_id!r}", field="checkpoint_id")
+    await asyncio.to_thread(shutil.rmtree, row["folder"], True)
+    return {}
+
+
+@router.post("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}")
+async def publish_checkpoint(run_id: str, checkpoint_id: str, request: Request) -> dict:
+    tenant = await tenant_of(request)
+    ctx = context(request)
+    if not checkpoint_id.endswith("/publish"):
+        raise NotFoundError(f"unknown route for checkpoint {checkpoint_id!r}", field="path")
+    checkpoint_id = checkpoint_id[: -len("/publish")]
+    await _own_checkpoint(ctx, run_id, checkpoint_id, tenant)
+    await ctx.db(ctx.store.update_checkpoint, run_id, checkpoint_id, tenant, public=1)
+    return {}
+
+
+class TtlBody(Body):
+    ttl_seconds: int | None = None
+
+
+@router.put("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}")
+async def set_checkpoint_ttl(run_id: str, checkpoint_id: str, request: Request) -> dict:
+    tenant = await tenant_of(request)
+    ctx = context(request)
+    if not checkpoint_id.endswith("/ttl"):
+        raise NotFoundError(f"unknown route for checkpoint {checkpoint_id!r}", field="path")
+    checkpoint_id = checkpoint_id[: -len("/ttl")]
+    body = await parse(request, TtlBody)
+    await _own_checkpoint(ctx, run_id, checkpoint_id, tenant)
+    expires = time.time() + body.ttl_seconds if body.ttl_seconds else None
+    await ctx.db(ctx.store.update_checkpoint, run_id, checkpoint_id, tenant, expires_at=expires)
+    return {}
+
+
+@router.get("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}")
+async def checkpoint_subroute(run_id: str, checkpoint_id: str, request: Request) -> dict:
+    tenant = await tenant_of(request)
+    ctx = context(request)
+    if checkpoint_id.endswith("/external_weights_urls"):
+        await _own_checkpoint(ctx, run_id, checkpoint_id[: -len("/external_weights_urls")], tenant)
+        raise UnprocessableError("this server keeps checkpoints on its own disk and has no download URLs; "
+                                 "the folder is a standard PEFT adapter on the server", field="checkpoint_id")
+    return checkpoint_json(await _own_checkpoint(ctx, run_id, checkpoint_id, tenant))
+
+
+class WeightsInfoBody(Body):
+    tinker_path: str
+
+
+@router.post("/weights_info")
+async def weights_info(request: Request) -> dict:
+    tenant = await tenant_of(request)
+    ctx = context(request)
+    body = await parse(request, WeightsInfoBody)
+    ckpt = await resolve_checkpoint(ctx, body.tinker_path, tenant, field="tinker_path")
+    model = await ctx.db(ctx.store.get_model, ckpt["run_id"], None)
+    lora = model["lora"] if model else {}
+    return {"base_model": ckpt["base_model"], "is_lora": True, "optimizer_config": {"type": "adamw"},
+            "lora_rank": lora.get("rank"), "train_unembed": lora.get("train_unembed"),
+            "train_mlp": lora.get("train_mlp"), "train_attn": lora.get("train_attn")}

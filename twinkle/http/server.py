@@ -1,0 +1,111 @@
+"""Starting and stopping a Twinkle server: Ray, the model schedulers, and the Serve application."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+from twinkle.config import ServerConfig
+
+log = logging.getLogger("twinkle.serve")
+
+APP_NAME = "twinkle"
+
+
+class RunningServer:
+    """A started server; `stop()` tears down what `start_server` created."""
+
+    def __init__(self, config: ServerConfig, schedulers: dict, embedded_ray: bool) -> None:
+        self.config = config
+        self.schedulers = schedulers
+        self.embedded_ray = embedded_ray
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.config.port}"
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        log.info("stopping Twinkle")
+        try:
+            serve.shutdown()
+        except Exception as exc:  # noqa: BLE001 - keep tearing down
+            log.warning("serve shutdown: %s", exc)
+        for name, handle in self.schedulers.items():
+            try:
+                ray.get(handle.shutdown.remote(), timeout=30)
+                ray.kill(handle)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("scheduler %s shutdown: %s", name, exc)
+        if self.embedded_ray:
+            ray.shutdown()
+
+
+def start_server(config: ServerConfig) -> RunningServer:
+    """Start (or join) Ray, the schedulers of every model, and the HTTP ingress; return when ready."""
+    import ray
+    from ray import serve
+
+    from twinkle.actors.runtime import init_ray
+    from twinkle.actors.scheduler import spawn_scheduler
+    from twinkle.http.app import TwinkleIngress
+    from twinkle.store import Store
+
+    config.check_secure()
+    state_dir = Path(config.state_dir).expanduser().resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    config = config.model_copy(update={"state_dir": str(state_dir)})
+    Store(state_dir / "twinkle.db")  # create the schema before any actor opens it
+    if not config.resolved_keys():
+        log.warning("no API keys configured: the server is open to anyone who can reach %s (loopback only)",
+                    config.host)
+
+    started = time.time()
+    init_ray(config.ray.address, num_cpus=config.ray.num_cpus, namespace=config.ray.namespace, log_to_driver=True)
+    schedulers = {
+        model.name: spawn_scheduler(model, str(state_dir), config.timeouts,
+                                    trust_remote_code=config.trust_remote_code, namespace=config.ray.namespace)
+        for model in config.models
+    }
+    server = RunningServer(config, schedulers, embedded_ray=config.ray.address is None)
+    try:
+        infos = ray.get([handle.start.remote() for handle in schedulers.values()])
+        for info in infos:
+            log.info("model %s ready (%s, vocab %s)", info["name"], info.get("arch"), info.get("vocab_size"))
+        serve.start(http_options={"host": config.host, "port": config.port}, proxy_location="HeadOnly")
+        node_resource = f"node:{ray.util.get_node_ip_address()}"
+        deployment = TwinkleIngress.options(
+            num_replicas=config.ingress_replicas,
+            ray_actor_options={"num_cpus": 0, "resources": {node_resource: 0.001}},
+        )
+        serve.run(deployment.bind(config.model_dump()), name=APP_NAME, route_prefix="/")
+    except BaseException:
+        server.stop()
+        raise
+    log.info("Twinkle is serving on %s (ready in %.1fs)", server.url, time.time() - started)
+    return server
+
+
+def serve_forever(config: ServerConfig) -> None:
+    """Run in the foreground until Ctrl-C or SIGTERM, then stop cleanly."""
+    stop = threading.Event()
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    server = start_server(config)
+    print(f"Twinkle is serving on {server.url}  (Ctrl-C to stop)", flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.stop()
+        print("Twinkle stopped.", flush=True)
