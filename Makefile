@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: setup
-	$(PY) cookbook/client/twinkle/self_host/self_cognition.py --out outputs/demo
+	$(PY) cookbook/demo.py
 
 test: setup
 	$(PY) -m pytest -q tests

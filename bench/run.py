@@ -48,7 +48,21 @@ def baseline(state_dir: str) -> dict:
     return result
 
 
-BENCHMARKS = {"baseline": baseline}
+def rpc_overhead(state_dir: str) -> dict:
+    from bench.remote import rpc_overhead as measure
+
+    with tempfile.TemporaryDirectory(prefix="twinkle-bench-") as work:
+        result = measure(state_dir, work)
+    result["env"] = environment()
+    print(f"SDK via server: {result['sdk_pipelined_step_s'] * 1000:.1f} ms/step pipelined vs "
+          f"{result['inprocess_step_s'] * 1000:.1f} ms in-process -> ratio {result['ratio']:.3f}; "
+          f"trivial round trip {result['trivial_round_trip_ms']:.1f} ms; "
+          f"{result['request_bytes_per_token']:.1f} request bytes/token (raw {result['raw_binary_bytes_per_token']:.0f})")
+    write("rpc_overhead", result)
+    return result
+
+
+BENCHMARKS = {"baseline": baseline, "rpc_overhead": rpc_overhead}
 
 
 def main(argv: list[str]) -> None:

@@ -1,0 +1,104 @@
+"""The Tinker SDK through a real server against the in-process loop, measured in the same run."""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.inprocess import make_engine, train_step_time
+from bench.workloads import BENCH_MODEL, LORA_RANK, MEASURED_STEPS, WARMUP_STEPS, sft_batch, summarize, tokens_in
+from twinkle.devserver import start_dev_server
+
+BENCH_KEY = "tml-bench-key"
+
+
+def _tinker_batch(batch):
+    from tinker import types
+
+    return [types.Datum(model_input=types.ModelInput.from_ints(d.input_tokens.tolist()),
+                        loss_fn_inputs={"target_tokens": d.loss_inputs["target_tokens"].tolist(),
+                                        "weights": d.loss_inputs["weights"].tolist()}) for d in batch]
+
+
+def request_bytes(tinker_batch, model_id: str = "m") -> int:
+    """Size of the protobuf body the SDK sends for this forward_backward."""
+    from tinker import types
+    from tinker.proto import request_conv
+
+    request = request_conv.ForwardBackwardRequest(
+        forward_backward_input=types.ForwardBackwardInput(data=tinker_batch, loss_fn="cross_entropy"),
+        model_id=model_id, seq_id=1)
+    proto = request_conv.forward_backward_request_to_proto(request)
+    return len(proto if isinstance(proto, bytes) else proto.SerializeToString())
+
+
+def sdk_loop(url: str, batch, steps: int = MEASURED_STEPS) -> dict:
+    import tinker
+    from tinker import types
+
+    service = tinker.ServiceClient(base_url=url, api_key=BENCH_KEY)
+    client = service.create_lora_training_client(base_model=BENCH_MODEL, rank=LORA_RANK, seed=0)
+    data = _tinker_batch(batch)
+    adam = types.AdamParams(learning_rate=1e-4)
+
+    def pipelined_step():
+        fb = client.forward_backward(data, "cross_entropy")
+        opt = client.optim_step(adam)
+        fb.result()
+        opt.result()
+
+    def naive_step():
+        client.forward_backward(data, "cross_entropy").result()
+        client.optim_step(adam).result()
+
+    results = {}
+    for name, step in (("pipelined", pipelined_step), ("naive", naive_step)):
+        times = []
+        for i in range(WARMUP_STEPS + steps):
+            start = time.perf_counter()
+            step()
+            if i >= WARMUP_STEPS:
+                times.append(time.perf_counter() - start)
+        results[name] = summarize(times)
+    trivial = []
+    for _ in range(20):
+        start = time.perf_counter()
+        client.optim_step(adam).result()  # no gradients pending: almost no compute
+        trivial.append(time.perf_counter() - start)
+    results["trivial_round_trip"] = summarize(trivial)
+    service.close("success")
+    return results
+
+
+def rpc_overhead(state_dir: str, work_dir: str) -> dict:
+    engine = make_engine(state_dir)
+    inproc = train_step_time(engine)
+    batch = sft_batch(engine.vocab_size)
+    del engine
+    gc.collect()
+    with start_dev_server(Path(work_dir) / "rpc-server", config={"models": [{"name": BENCH_MODEL}],
+                                                                   "state_dir": state_dir},
+                          keys={"bench": BENCH_KEY}) as server:
+        remote = sdk_loop(server.url, batch)
+    n_tokens = tokens_in(batch)
+    body = request_bytes(_tinker_batch(batch))
+    raw = n_tokens * (4 + 4 + 4)  # int32 input token, int32 target, float32 weight
+    ratio = inproc["p50_s"] / remote["pipelined"]["p50_s"]
+    return {
+        "ratio": ratio,
+        "inprocess_step_s": inproc["p50_s"],
+        "sdk_pipelined_step_s": remote["pipelined"]["p50_s"],
+        "sdk_naive_step_s": remote["naive"]["p50_s"],
+        "naive_ratio": inproc["p50_s"] / remote["naive"]["p50_s"],
+        "overhead_ms_per_step": (remote["pipelined"]["p50_s"] - inproc["p50_s"]) * 1000,
+        "trivial_round_trip_ms": remote["trivial_round_trip"]["p50_s"] * 1000,
+        "request_bytes_per_token": body / n_tokens,
+        "raw_binary_bytes_per_token": raw / n_tokens,
+        "tokens_per_step": n_tokens,
+        "details": {"inprocess": inproc, "sdk": remote},
+        "model": BENCH_MODEL,
+        "note": "ratio = remote throughput / in-process throughput (same batch, same machine, same run)",
+    }
