@@ -230,7 +230,7 @@ class Engine:
             spec = lookup_loss(loss)
         separable = spec.separable if spec else False
         outputs: list[dict[str, np.ndarray]] = [None] * len(data)  # type: ignore[list-item]
-        parts = []
+        parts, counts = [], []
         for indices in self._micro_batches(data, separable):
             batch = [data[i] for i in indices]
             with torch.set_grad_enabled(backward):
@@ -238,14 +238,16 @@ class Engine:
                 inputs = [self._loss_inputs(d) for d in batch]
                 if custom:
                     loss_value, metrics = _call_custom_loss(loss, logprobs, inputs, config)
+                    mean_counts: dict[str, float] = {}
                 else:
-                    loss_value, metrics = LOSS_FUNCTIONS[spec.name](LossContext(logprobs, inputs, config))
+                    loss_value, (metrics, mean_counts) = LOSS_FUNCTIONS[spec.name](LossContext(logprobs, inputs, config))
                 if backward and loss_value.requires_grad:
                     loss_value.backward()
             for i, lp in zip(indices, logprobs):
                 outputs[i] = {"logprobs": lp.detach().numpy().astype(np.float32)}
             parts.append((metrics, float(len(indices))))
-        return ForwardResult(loss_outputs=outputs, metrics=merge_metrics(parts))
+            counts.append(mean_counts)
+        return ForwardResult(loss_outputs=outputs, metrics=merge_metrics(parts, counts))
 
     def forward(self, adapter_id: str | None, data: Sequence[Datum], loss: str | CustomLoss = "cross_entropy",
                 loss_config: dict | None = None) -> ForwardResult:

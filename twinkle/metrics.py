@@ -5,15 +5,16 @@ from __future__ import annotations
 Metrics = dict[str, float]
 
 
-def merge_metrics(parts: list[tuple[Metrics, float]]) -> Metrics:
-    """Combine metrics of micro-batches or data-parallel shards, each given with its weight
-    (number of datums): sums add, means are weighted, min/max combine."""
+def merge_metrics(parts: list[tuple[Metrics, float]], counts: list[dict[str, float]] | None = None) -> Metrics:
+    """Combine metrics of micro-batches or data-parallel shards: sums add, min/max combine, and
+    means are weighted by their own counts where given (`counts[i][key]`), else by the part's
+    weight (its number of datums)."""
     if len(parts) == 1:
         return dict(parts[0][0])
+    counts = counts or [{} for _ in parts]
     merged: Metrics = {}
-    total_weight = sum(w for _, w in parts) or 1.0
     for key in {k for m, _ in parts for k in m}:
-        values = [(m[key], w) for m, w in parts if key in m]
+        values = [(m[key], c.get(key, w)) for (m, w), c in zip(parts, counts) if key in m]
         reduction = key.rsplit(":", 1)[-1]
         if reduction == "sum":
             merged[key] = sum(v for v, _ in values)
@@ -22,5 +23,6 @@ def merge_metrics(parts: list[tuple[Metrics, float]]) -> Metrics:
         elif reduction == "min":
             merged[key] = min(v for v, _ in values)
         else:
-            merged[key] = sum(v * w for v, w in values) / total_weight
+            total = sum(w for _, w in values)
+            merged[key] = sum(v * w for v, w in values) / total if total else 0.0
     return merged

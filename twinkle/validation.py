@@ -122,8 +122,10 @@ def validate_batch(data: Sequence[Datum], loss: str, loss_config: dict | None, v
         raise InvalidInputError(f"loss {spec.name!r} takes datums in groups of {spec.group_size} "
                                 f"(chosen, rejected); got {len(data)} datums", field="data")
     if spec is not None and spec.name == "grpo" and float(config["kl_beta"]) > 0:
-        if any("ref_logprobs" not in d.loss_inputs for d in data):
-            raise InvalidInputError("kl_beta > 0 needs ref_logprobs in every datum", field="loss_fn_inputs")
+        for i, datum in enumerate(data):
+            if "ref_logprobs" not in datum.loss_inputs:
+                raise InvalidInputError("kl_beta > 0 needs ref_logprobs in every datum",
+                                        field=f"data[{i}].loss_fn_inputs")
     if max_tokens is not None and total_tokens > max_tokens:
         raise InvalidInputError(f"{total_tokens} tokens exceed this server's limit of {max_tokens} per request",
                                 field="data")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 Metrics = dict[str, float]
+LossOutput = tuple[torch.Tensor, tuple[Metrics, dict[str, float]]]  # loss, (metrics, counts of means)
 
 
 @dataclass
@@ -39,14 +40,20 @@ class LossContext:
         return torch.cat([lp.reshape(-1) for lp in self.logprobs])
 
 
-def _sum_metrics(loss: torch.Tensor, **means: torch.Tensor) -> Metrics:
+def _sum_metrics(loss: torch.Tensor, **means: torch.Tensor | tuple[torch.Tensor, torch.Tensor]):
+    """`loss:sum` plus `name:mean` metrics; a mean given as (value, count) merges across
+    micro-batches weighted by its count (e.g. tokens with a non-zero advantage)."""
     metrics = {"loss:sum": float(loss.detach())}
+    counts: dict[str, float] = {}
     for name, value in means.items():
+        if isinstance(value, tuple):
+            value, count = value
+            counts[f"{name}:mean"] = float(count)
         metrics[f"{name}:mean"] = float(value.detach())
-    return metrics
+    return metrics, counts
 
 
-def cross_entropy(ctx: LossContext) -> tuple[torch.Tensor, Metrics]:
+def cross_entropy(ctx: LossContext) -> LossOutput:
     lp = ctx.all_logprobs()
     weights = ctx.cat("weights", default=1.0)
     loss = -(weights * lp).sum()
@@ -64,19 +71,20 @@ def _clip_bounds(ctx: LossContext) -> tuple[torch.Tensor, torch.Tensor]:
     return low, high
 
 
-def _active_mean(values: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+def _active_mean(values: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     count = active.sum()
-    return (values * active).sum() / count if count > 0 else values.new_zeros(())
+    mean = (values * active).sum() / count if count > 0 else values.new_zeros(())
+    return mean, count
 
 
-def importance_sampling(ctx: LossContext) -> tuple[torch.Tensor, Metrics]:
+def importance_sampling(ctx: LossContext) -> LossOutput:
     lp, q, adv = _rl_terms(ctx)
     ratio = torch.exp(lp - q)
     loss = -(ratio * adv).sum()
     return loss, _sum_metrics(loss, importance_ratio=_active_mean(ratio, (adv != 0).to(lp.dtype)))
 
 
-def ppo(ctx: LossContext) -> tuple[torch.Tensor, Metrics]:
+def ppo(ctx: LossContext) -> LossOutput:
     lp, q, adv = _rl_terms(ctx)
     low, high = _clip_bounds(ctx)
     ratio = torch.exp(lp - q)
@@ -87,7 +95,7 @@ def ppo(ctx: LossContext) -> tuple[torch.Tensor, Metrics]:
     return loss, _sum_metrics(loss, importance_ratio=_active_mean(ratio, active), clip_fraction=clip_frac)
 
 
-def cispo(ctx: LossContext) -> tuple[torch.Tensor, Metrics]:
+def cispo(ctx: LossContext) -> LossOutput:
     lp, q, adv = _rl_terms(ctx)
     low, high = _clip_bounds(ctx)
     ratio = torch.exp(lp - q)
@@ -98,14 +106,14 @@ def cispo(ctx: LossContext) -> tuple[torch.Tensor, Metrics]:
     return loss, _sum_metrics(loss, importance_ratio=_active_mean(ratio, active), clip_fraction=clip_frac)
 
 
-def dro(ctx: LossContext) -> tuple[torch.Tensor, Metrics]:
+def dro(ctx: LossContext) -> LossOutput:
     lp, q, adv = _rl_terms(ctx)
     beta = float(ctx.config["beta"])
     loss = -(lp * adv - 0.5 * beta * (lp - q) ** 2).sum()
     return loss, _sum_metrics(loss)
 
 
-def gspo(ctx: LossContext) -> tuple[torch.Tensor, Metrics]:
+def gspo(ctx: LossContext) -> LossOutput:
     """GSPO-token: every token's ratio has the value of its sequence's geometric-mean ratio and
     the gradient of its own log-probability."""
     low_all, high_all = _clip_bounds(ctx)
@@ -122,18 +130,17 @@ def gspo(ctx: LossContext) -> tuple[torch.Tensor, Metrics]:
         low, high = low_all[offset:offset + n], high_all[offset:offset + n]
         offset += n
         count = mask.sum()
-        if count == 0:
-            continue
-        log_seq_ratio = ((lp - q) * mask).sum() / count
+        # the mask picks the tokens that form the sequence ratio; the objective covers every token
+        log_seq_ratio = ((lp - q) * mask).sum() / count if count > 0 else lp.new_zeros(())
         token_ratio = torch.exp(log_seq_ratio.detach() + lp - lp.detach())
         clipped = torch.clamp(token_ratio, min=low, max=high)
-        total = total - (torch.minimum(token_ratio * adv, clipped * adv) * mask).sum()
+        total = total - torch.minimum(token_ratio * adv, clipped * adv).sum()
         seq_ratios.append(torch.exp(log_seq_ratio.detach()))
-    mean_ratio = torch.stack(seq_ratios).mean() if seq_ratios else total.new_zeros(())
-    return total, _sum_metrics(total, sequence_ratio=mean_ratio)
+    mean_ratio = torch.stack(seq_ratios).mean()
+    return total, _sum_metrics(total, sequence_ratio=(mean_ratio, torch.tensor(float(len(seq_ratios)))))
 
 
-def dpo(ctx: LossContext) -> tuple[torch.Tensor, Metrics]:
+def dpo(ctx: LossContext) -> LossOutput:
     """Sigmoid DPO; datums come as consecutive (chosen, rejected) pairs.
 
     A sequence's reward is sum(weights * (logp - ref_logprobs)); the loss is
@@ -158,7 +165,7 @@ def dpo(ctx: LossContext) -> tuple[torch.Tensor, Metrics]:
     )
 
 
-def grpo(ctx: LossContext) -> tuple[torch.Tensor, Metrics]:
+def grpo(ctx: LossContext) -> LossOutput:
     """Clipped policy-gradient objective with an optional k3 KL penalty to reference logprobs.
 
     Tokens count where `weights` is non-zero (default: where the advantage is non-zero).
@@ -191,13 +198,13 @@ def grpo(ctx: LossContext) -> tuple[torch.Tensor, Metrics]:
         loss = (seq_sums / counts.clamp(min=1)).mean()
     else:
         loss = seq_sums.sum()
-    means = {"importance_ratio": torch.stack(ratios).sum() / n_tokens}
+    means = {"importance_ratio": (torch.stack(ratios).sum() / n_tokens, n_tokens)}
     if kls:
-        means["kl"] = torch.stack(kls).sum() / n_tokens
+        means["kl"] = (torch.stack(kls).sum() / n_tokens, n_tokens)
     return loss, _sum_metrics(loss, **means)
 
 
-LOSS_FUNCTIONS: dict[str, Callable[[LossContext], tuple[torch.Tensor, Metrics]]] = {
+LOSS_FUNCTIONS: dict[str, Callable[[LossContext], LossOutput]] = {
     "cross_entropy": cross_entropy,
     "importance_sampling": importance_sampling,
     "ppo": ppo,

@@ -22,6 +22,11 @@ from common import MetricsLog, load_jsonl  # noqa: E402
 QUESTION = "Who are you?"
 
 
+def ready(client_or_future):
+    """SDK >= 0.38 returns creation futures (call .result()); older SDKs return the client."""
+    return client_or_future.result() if hasattr(client_or_future, "result") else client_or_future
+
+
 def build_datum(tokenizer, messages: list[dict]) -> types.Datum:
     """Next-token datum over the conversation; weight 1 only on the assistant's reply."""
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True,
@@ -58,12 +63,13 @@ def main() -> None:
         from twinkle.tinker_patch import init_tinker_client
 
         service = init_tinker_client(base_url=args.base_url, api_key=args.api_key)
-    training = service.create_lora_training_client(base_model=args.base_model, rank=args.rank, seed=args.seed)
+    training = ready(service.create_lora_training_client(base_model=args.base_model, rank=args.rank,
+                                                         seed=args.seed))
     tokenizer = training.get_tokenizer()
     batch = [build_datum(tokenizer, example["messages"]) for example in load_jsonl("self_cognition.jsonl")]
     n_tokens = sum(sum(d.loss_fn_inputs["weights"].data) for d in batch)
 
-    base_sampler = service.create_sampling_client(base_model=args.base_model)
+    base_sampler = ready(service.create_sampling_client(base_model=args.base_model))
     print(f"Q: {QUESTION}\nbefore training: {ask(base_sampler, tokenizer, QUESTION)!r}", flush=True)
 
     log = MetricsLog(args.out)
@@ -78,7 +84,7 @@ def main() -> None:
         log.log(step=step, loss=loss)
         print(f"step {step} loss {loss!r}", flush=True)
 
-    sampler = training.save_weights_and_get_sampling_client()
+    sampler = ready(training.save_weights_and_get_sampling_client())
     after = ask(sampler, tokenizer, QUESTION)
     checkpoint = training.save_state("self-cognition-final").result().path
     plot = log.plot(title="self-cognition SFT through the Tinker SDK (per-token loss)")
