@@ -36,3 +36,24 @@ def make_engine(state_dir):
         return Engine(EngineConfig(base_model=base_model, state_dir=state_dir, **overrides))
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One embedded Ray for the session, in a private short temp dir under /tmp (removed at the end)."""
+    import shutil
+    import tempfile
+
+    import ray
+
+    from twinkle.actors import init_ray
+
+    temp_dir = tempfile.mkdtemp(prefix="tw-ray-", dir="/tmp")
+    started = not ray.is_initialized()
+    init_ray(temp_dir=temp_dir)
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)

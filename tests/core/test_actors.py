@@ -82,28 +82,46 @@ def test_ray_mode_matches_in_process_bit_for_bit(state_dir, in_process, local_ra
     assert all(g.actors == [] for g in groups)
 
 
-def test_two_data_parallel_workers_match_single_process(state_dir, in_process, local_ray):
+@pytest.fixture(scope="module")
+def data_parallel(state_dir, local_ray) -> dict:
+    """The same script on a group of 2 TrainWorkers (data parallel), plus what the group looked like."""
     from twinkle.api.local import LocalBackend
 
     backend = LocalBackend(state_dir, use_ray=True, num_workers=2)
     try:
         got = _training_script(backend)
         groups = list(backend._groups)
-        assert len(groups) == 1 and groups[0].num_workers == 2
-        ready = local_ray.get(groups[0].call_all("ready"))
-        assert sorted(r["rank"] for r in ready) == [0, 1]
-        assert len({r["pid"] for r in ready}) == 2
-        # both ranks hold the same adapter weights after the all-reduced steps
-        weights = local_ray.get(groups[0].call_all("call", "adapter_weights", got["model_id"]))
-        assert weights[0].keys() == weights[1].keys()
-        assert all((weights[0][k] == weights[1][k]).all() for k in weights[0])
+        got["num_workers"] = [g.num_workers for g in groups]
+        got["ready"] = local_ray.get(groups[0].call_all("ready"))
+        got["weights"] = local_ray.get(groups[0].call_all("call", "adapter_weights", got["model_id"]))
     finally:
         backend.close()
-    assert got["losses"] == pytest.approx(in_process["losses"], rel=1e-4)  # loss:sum over both shards
-    assert got["grad_norms"] == pytest.approx(in_process["grad_norms"], rel=1e-4)
+    got["pg_states"] = [_placement_group_state(local_ray, g.placement_group) for g in groups]
+    return got
+
+
+def test_two_data_parallel_workers_match_single_process(data_parallel, in_process):
+    got = data_parallel
+    assert got["num_workers"] == [2]
+    assert sorted(r["rank"] for r in got["ready"]) == [0, 1]
+    assert len({r["pid"] for r in got["ready"]}) == 2
+    # loss:sum of the two shards equals the single-process loss of the whole batch
+    assert got["losses"] == pytest.approx(in_process["losses"], rel=1e-4)
+    assert got["grad_norms"] == pytest.approx(in_process["grad_norms"], rel=1e-4)  # of the summed gradients
     assert got["state"].step == STEPS
-    assert got["state"].consumed_samples == in_process["state"].consumed_samples // 2  # per rank
-    assert all(_placement_group_state(local_ray, g.placement_group) == "REMOVED" for g in groups)
+    # both ranks hold the same adapter weights after the all-reduced steps
+    rank0, rank1 = got["weights"]
+    assert rank0.keys() == rank1.keys()
+    assert all((rank0[k] == rank1[k]).all() for k in rank0)
+    assert got["pg_states"] == ["REMOVED"]
+
+
+def test_data_parallel_train_state_counts_the_whole_batch(data_parallel, in_process):
+    """Progress counters describe the model, not one rank's shard: same as with one process."""
+    got, want = data_parallel["state"], in_process["state"]
+    assert (got.step, got.micro_batches) == (want.step, want.micro_batches)
+    assert got.consumed_samples == want.consumed_samples
+    assert got.consumed_tokens == want.consumed_tokens
 
 
 # ------------------------------------------------------------- ActorGroup

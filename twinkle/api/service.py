@@ -8,6 +8,7 @@ server all execute API calls through this class, so they share one code path.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import uuid
 from collections import OrderedDict
@@ -89,7 +90,7 @@ class ModelService:
         self._resident: OrderedDict[str, None] = OrderedDict()  # models whose adapter is in the engine (LRU)
         self._offloaded: dict[str, Path] = {}
         self.samplers: dict[str, _SamplerRecord] = {}
-        self._sampler_adapters: OrderedDict[str, str] = OrderedDict()  # model_path -> adapter id (LRU)
+        self._sampler_adapters: OrderedDict[str, tuple[str, str]] = OrderedDict()  # path -> (adapter, version)
         self._lock = threading.RLock()
         if engine is not None:
             self.attach_engine(engine)
@@ -268,19 +269,30 @@ class ModelService:
                            tokenizer_path=self.engine_info["model_path"])
 
     def _sampler_adapter(self, model_path: str) -> str:
+        """The engine adapter holding the weights saved at `model_path` (loaded on demand, LRU).
+
+        A folder saved again under the same name is a new folder (atomic rename), so the cache is
+        keyed by the folder's identity and a re-saved checkpoint is reloaded.
+        """
         if self.engine is None:
             raise RuntimeError("the model's workers are not running")
-        adapter = self._sampler_adapters.get(model_path)
-        if adapter is not None and self.engine.has_adapter(adapter):
+        try:
+            stat = os.stat(model_path)
+            version = f"{stat.st_ino}-{stat.st_mtime_ns}"
+        except OSError:
+            raise NotFoundError(f"checkpoint folder {model_path} no longer exists", field="model_path") from None
+        cached = self._sampler_adapters.get(model_path)
+        if cached is not None and cached[1] == version and self.engine.has_adapter(cached[0]):
             self._sampler_adapters.move_to_end(model_path)
-            return adapter
+            return cached[0]
         adapter = "sampler:" + hashlib.sha256(str(model_path).encode()).hexdigest()[:16]
         if self.engine.has_adapter(adapter):
             self.engine.remove_adapter(adapter)
         self.engine.load(adapter, model_path, with_optimizer=False, create=True)
-        self._sampler_adapters[model_path] = adapter
+        self._sampler_adapters[model_path] = (adapter, version)
+        self._sampler_adapters.move_to_end(model_path)
         while len(self._sampler_adapters) > self.max_sampler_adapters:
-            _, old = self._sampler_adapters.popitem(last=False)
+            _, (old, _) = self._sampler_adapters.popitem(last=False)
             if self.engine.has_adapter(old):
                 self.engine.remove_adapter(old)
         return adapter

@@ -1,0 +1,40 @@
+"""One real Twinkle server (the `twinkle serve` CLI in a subprocess) shared by the server tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from twinkle.devserver import DevServer, start_dev_server
+
+KEYS = {"alice": "tml-alice-key", "bob": "tml-bob-key"}
+TEST_TIMEOUTS = {"timeouts": {"seq_gap_s": 3.0, "sweep_interval_s": 1.0}}
+
+ServerHandle = DevServer  # what the fixtures yield: url, keys, state_dir, log_tail(), stop()
+
+
+def start_twinkle_server(tmp_dir, *, extra_config: dict | None = None, keys: dict | None = None) -> DevServer:
+    config = {**TEST_TIMEOUTS, **(extra_config or {})}
+    return start_dev_server(tmp_dir, config=config, keys=KEYS if keys is None else keys)
+
+
+def stop_twinkle_server(handle: DevServer) -> int:
+    return handle.stop()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> DevServer:
+    """A server with two tenants (alice, bob) serving twinkle-tiny; client code not trusted."""
+    handle = start_twinkle_server(tmp_path_factory.mktemp("server"))
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture
+def tinker_client(server):
+    """Factory: an unmodified Tinker SDK ServiceClient for a tenant."""
+    import tinker
+
+    def make(tenant: str = "alice"):
+        return tinker.ServiceClient(base_url=server.url, api_key=server.keys[tenant])
+
+    return make
