@@ -151,10 +151,7 @@ async def healthz() -> dict:
 @router.post("/client/config")
 async def client_config(request: Request) -> dict:
     await tenant_of(request)
-    # The first two switch SDK 0.18-0.24 to the protobuf forward_backward and forward_only paths;
-    # newer SDKs ignore them.
-    return {"proto_write_fwdbwd": True, "fwd_via_fwdbwd": True, "create_model_via_load_weights": True,
-            "parallel_fwdbwd_chunks": True}
+    return {"parallel_fwdbwd_chunks": True}
 
 
 @router.post("/client/dynamic_config")
@@ -531,8 +528,20 @@ async def asample(request: Request) -> dict:
 
 
 # --------------------------------------------------------------- futures
+def _sdk_version(request: Request) -> tuple[int, ...] | None:
+    raw = request.headers.get("x-stainless-package-version", "")
+    try:
+        return tuple(int(part) for part in raw.split(".")[:2])
+    except ValueError:
+        return None
+
+
 def _wants_protobuf(request: Request) -> bool:
-    return codec.PROTOBUF in request.headers.get("accept", "")
+    """SDK >= 0.25 only reads protobuf results; older SDKs (which also accept protobuf) get JSON."""
+    if codec.PROTOBUF not in request.headers.get("accept", ""):
+        return False
+    version = _sdk_version(request)
+    return version is None or version >= (0, 25)
 
 
 def _result_response(request: Request, payload: Any, extra: dict) -> Response:
