@@ -46,8 +46,11 @@ class RunningServer:
             ray.shutdown()
 
 
-def start_server(config: ServerConfig) -> RunningServer:
-    """Start (or join) Ray, the schedulers of every model, and the HTTP ingress; return when ready."""
+def start_server(config: ServerConfig, *, on_ray_started=None) -> RunningServer:
+    """Start (or join) Ray, the schedulers of every model, and the HTTP ingress; return when ready.
+
+    `on_ray_started` runs right after Ray is up (Ray installs its own signal handlers there, so
+    the CLI re-installs its own in that callback)."""
     import ray
     from ray import serve
 
@@ -67,6 +70,8 @@ def start_server(config: ServerConfig) -> RunningServer:
 
     started = time.time()
     init_ray(config.ray.address, num_cpus=config.ray.num_cpus, namespace=config.ray.namespace, log_to_driver=True)
+    if on_ray_started is not None:
+        on_ray_started()
     schedulers = {
         model.name: spawn_scheduler(model, str(state_dir), config.timeouts,
                                     trust_remote_code=config.trust_remote_code, namespace=config.ray.namespace)
@@ -87,8 +92,22 @@ def start_server(config: ServerConfig) -> RunningServer:
     except BaseException:
         server.stop()
         raise
+    _write_server_info(state_dir, server)
     log.info("Twinkle is serving on %s (ready in %.1fs)", server.url, time.time() - started)
     return server
+
+
+def _write_server_info(state_dir: Path, server: RunningServer) -> None:
+    """state_dir/server.json: how to reach this server over HTTP and through Ray (power users)."""
+    import json
+    import os
+
+    import ray
+
+    info = {"url": server.url, "ray_address": ray.get_runtime_context().gcs_address,
+            "namespace": server.config.ray.namespace, "pid": os.getpid(),
+            "models": [m.name for m in server.config.models]}
+    (state_dir / "server.json").write_text(json.dumps(info, indent=2))
 
 
 def serve_forever(config: ServerConfig) -> None:
@@ -98,14 +117,19 @@ def serve_forever(config: ServerConfig) -> None:
     def on_signal(signum, frame):  # noqa: ARG001
         stop.set()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    server = start_server(config)
+    def install() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+
+    install()
+    server = start_server(config, on_ray_started=install)
+    if stop.is_set():  # asked to stop while starting
+        server.stop()
+        return
     print(f"Twinkle is serving on {server.url}  (Ctrl-C to stop)", flush=True)
     try:
         while not stop.wait(0.5):
             pass
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         server.stop()
         print("Twinkle stopped.", flush=True)
