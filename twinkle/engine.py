@@ -44,6 +44,7 @@ class AdapterState:
     adam: AdamParams
     schedule: LRSchedule | None
     state: TrainState = field(default_factory=TrainState)
+    metadata: dict = field(default_factory=dict)  # the API layer's settings, kept in checkpoints
 
 
 @dataclass
@@ -256,14 +257,18 @@ class Engine:
             return self._run_loss(data, loss, loss_config, backward=False)
 
     def forward_backward(self, adapter_id: str, data: Sequence[Datum], loss: str | CustomLoss = "cross_entropy",
-                         loss_config: dict | None = None) -> ForwardResult:
-        """Like forward, and accumulate the loss's gradients into the adapter until `optim_step`."""
+                         loss_config: dict | None = None, *, progress: tuple[int, int] | None = None) -> ForwardResult:
+        """Like forward, and accumulate the loss's gradients into the adapter until `optim_step`.
+
+        `progress` = (samples, tokens) of the whole batch when `data` is one data-parallel shard.
+        """
         state = self._require(adapter_id)
         with self._activate(adapter_id):
             result = self._run_loss(data, loss, loss_config, backward=True)
+        samples, tokens = progress or (len(data), int(sum(len(d.input_tokens) for d in data)))
         state.state.micro_batches += 1
-        state.state.consumed_samples += len(data)
-        state.state.consumed_tokens += int(sum(len(d.input_tokens) for d in data))
+        state.state.consumed_samples += samples
+        state.state.consumed_tokens += tokens
         return result
 
     def optim_step(self, adapter_id: str, adam: AdamParams | None = None) -> StepResult:
@@ -307,6 +312,12 @@ class Engine:
     def lora_config(self, adapter_id: str) -> LoraConfig:
         return self._require(adapter_id).lora
 
+    def describe(self, adapter_id: str) -> dict:
+        """The adapter's settings and progress (what a resumed model reports about itself)."""
+        state = self._require(adapter_id)
+        return {"lora": state.lora, "adam": state.adam, "schedule": state.schedule,
+                "train_state": state.state.model_copy(), "metadata": dict(state.metadata)}
+
     def adapter_weights(self, adapter_id: str) -> dict[str, np.ndarray]:
         """A copy of the adapter's weights (names without the adapter name)."""
         return {name: p.detach().numpy().copy() for name, p in self._require(adapter_id).params}
@@ -332,7 +343,7 @@ class Engine:
                 "train_state": state.state.model_dump(),
                 "has_optimizer": with_optimizer,
                 "base_model": self.config.base_model,
-                "metadata": metadata or {},
+                "metadata": {**state.metadata, **(metadata or {})},
             }
             ckpt.write_json(tmp / ckpt.TRAINER_STATE, trainer_state)
             if with_optimizer:
@@ -385,6 +396,7 @@ class Engine:
             state.optimizer.load_state_dict(saved_opt["optimizer"])
             if saved.get("train_state"):
                 state.state = TrainState(**saved["train_state"])
+            state.metadata = dict(saved.get("metadata") or {})
             if (folder / ckpt.GRADIENTS).exists():
                 grads = torch.load(folder / ckpt.GRADIENTS, weights_only=True)
                 for name, p in state.params:

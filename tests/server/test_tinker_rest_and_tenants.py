@@ -109,7 +109,7 @@ def alice_run(alice):
     client = alice.create_lora_training_client(base_model=BASE, rank=RANK, seed=1,
                                                user_metadata={"purpose": "rest-test"}).result()
     train(client, batch(0), steps=1)
-    paths = {name: client.save_state(name).result().path for name in ("c1", "c2", "c3")}
+    paths = {name: client.save_state(name).result().path for name in ("c1", "c2", "c3", "c4")}
     paths["s1"] = client.save_weights_for_sampler("s1").result().path
     return {"client": client, "model_id": client.model_id, "paths": paths}
 
@@ -210,6 +210,50 @@ def test_checkpoint_ttl(alice, alice_run):
     assert 3300 < delta <= 3600 + 5, delta
     rest.set_checkpoint_ttl_from_tinker_path(path, None).result()
     assert expires_at() is None
+
+
+def test_checkpoint_ttl_expiry(alice, alice_run):
+    rest = rest_of(alice)
+    path = alice_run["paths"]["c4"]
+    rest.set_checkpoint_ttl_from_tinker_path(path, 1).result()
+    deadline = time.time() + 20  # the server sweeps every second in this configuration
+    while path in checkpoint_paths(rest.list_checkpoints(alice_run["model_id"]).result()):
+        assert time.time() < deadline, "an expired checkpoint is still listed"
+        time.sleep(0.5)
+    with pytest.raises(tinker.NotFoundError):
+        alice.create_training_client_from_state(path).result()
+
+
+def test_save_state_ttl_and_overwrite(alice):
+    client = alice.create_lora_training_client(base_model=BASE, rank=RANK, seed=3).result()
+    data = batch(3)
+    first = client.save_state("o1").result().path
+    train(client, data, steps=1)
+    trained = float(client.forward(data, "cross_entropy").result().metrics["loss:sum"])
+    with pytest.raises(tinker.RequestFailedError, match="overwrite"):  # the name is taken
+        client.save_state("o1").result()
+    assert client.save_state("o1", overwrite=True).result().path == first
+    restored = alice.create_training_client_from_state(first).result()
+    assert float(restored.forward(data, "cross_entropy").result().metrics["loss:sum"]) == trained
+
+    path = client.save_state("t1", ttl_seconds=3600).result().path
+    listed = rest_of(alice).list_checkpoints(client.model_id).result()
+    when = next(c for c in listed.checkpoints if c.tinker_path == path).expires_at
+    assert when is not None
+    delta = when.timestamp() - datetime.now(timezone.utc).timestamp()
+    assert 3300 < delta <= 3605, delta
+
+
+def test_training_runs_pagination(alice, alice_run):
+    rest = rest_of(alice)
+    everything = rest.list_training_runs(limit=1000).result()
+    total = everything.cursor.total_count
+    assert total == len(everything.training_runs) >= 1
+    pages = [rest.list_training_runs(limit=1, offset=i).result() for i in range(min(total, 3))]
+    ids = [p.training_runs[0].training_run_id for p in pages]
+    assert len(set(ids)) == len(ids)
+    assert ids == [r.training_run_id for r in everything.training_runs[:len(ids)]]
+    assert all(p.cursor.total_count == total and p.cursor.limit == 1 for p in pages)
 
 
 def test_server_capabilities(alice):

@@ -58,6 +58,9 @@ class RayEngine:
     def train_state(self, adapter_id):
         return self._first("train_state", adapter_id)
 
+    def describe(self, adapter_id):
+        return self._first("describe", adapter_id)
+
     def _data_parallel(self, method: str, adapter_id, data, loss, loss_config) -> ForwardResult:
         n = self.group.num_workers
         separable = isinstance(loss, str) and loss in LOSS_SPECS and LOSS_SPECS[loss].separable
@@ -65,8 +68,11 @@ class RayEngine:
             # whole batch on rank 0; the other ranks contribute zero gradients to the all-reduce
             return self._first(method, adapter_id, data, loss, loss_config)
         parts = _shards(list(data), n)
+        kwargs = {}
+        if method == "forward_backward":  # every rank counts the whole batch in its progress
+            kwargs["progress"] = (len(data), int(sum(len(d.input_tokens) for d in data)))
         results = self._ray.get(self.group.call_sharded(
-            "call", [((method, adapter_id, part, loss, loss_config), {}) for part in parts]))
+            "call", [((method, adapter_id, part, loss, loss_config), kwargs) for part in parts]))
         return ForwardResult(
             loss_outputs=[o for r in results for o in r.loss_outputs],
             metrics=merge_metrics([(r.metrics, float(len(p))) for r, p in zip(results, parts)]),

@@ -36,13 +36,23 @@ class ActorGroup:
             raise RuntimeError(
                 f"could not place {num_workers} x {bundle} ({strategy}) within {ready_timeout_s:.0f}s; "
                 f"the cluster has {ray.available_resources()} available")
-        remote_cls = ray.remote(worker_cls)
         self.actors = []
+        try:
+            self._start_actors(ray, worker_cls, num_workers, cpus_per_worker, gpus_per_worker, name, namespace,
+                               detached, runtime_env, init_kwargs, PlacementGroupSchedulingStrategy)
+            if num_workers > 1 and hasattr(worker_cls, "init_distributed"):
+                self._setup_distributed()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start_actors(self, ray, worker_cls, num_workers, cpus_per_worker, gpus_per_worker, name, namespace,
+                      detached, runtime_env, init_kwargs, strategy_cls) -> None:
+        remote_cls = ray.remote(worker_cls)
         for rank in range(num_workers):
             options: dict[str, Any] = dict(
                 num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self.placement_group, placement_group_bundle_index=rank),
+                scheduling_strategy=strategy_cls(self.placement_group, placement_group_bundle_index=rank),
             )
             if name:
                 options["name"] = f"{name}-rank{rank}"
@@ -54,8 +64,6 @@ class ActorGroup:
                 options["runtime_env"] = runtime_env
             self.actors.append(remote_cls.options(**options).remote(rank=rank, world_size=num_workers,
                                                                     **(init_kwargs or {})))
-        if num_workers > 1:
-            self._setup_distributed()
 
     def _setup_distributed(self) -> None:
         """Give the ranks a torch.distributed (gloo/nccl) group for data-parallel gradients."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import os
+import uuid
 from pathlib import Path
 
 from twinkle.api.futures import Future
@@ -95,7 +96,7 @@ class LocalBackend:
             base = self._base_model_for(args)
             service = self._service(base)
             prefix = "model" if method.startswith("create_model") else "sampler"
-            new_id = f"{prefix}-{next(self._ids)}"
+            new_id = f"{prefix}-{next(self._ids)}-{uuid.uuid4().hex[:8]}"  # unique in a shared state dir
             result = service.call(method, new_id, args)
             self.owner[new_id] = base
             return result

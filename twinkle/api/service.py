@@ -42,6 +42,8 @@ class EngineHandle(Protocol):
              include_gradients=False, metadata=None): ...
     def load(self, adapter_id, path, *, with_optimizer=True, create=True): ...
     def train_state(self, adapter_id): ...
+    def describe(self, adapter_id) -> dict: ...
+    def lora_config(self, adapter_id): ...
 
 
 @dataclass
@@ -167,14 +169,14 @@ class ModelService:
         return record
 
     def _info(self, model_id: str) -> ModelInfo:
-        record = self._record(model_id)
-        args = record.args
+        args = self._record(model_id).args
+        described = self.engine.describe(model_id)
         return ModelInfo(
-            model_id=model_id, base_model=self.base_model, lora=self.engine.lora_config(model_id),
-            optimizer=args.optimizer, schedule=args.schedule, loss=args.loss, loss_config=args.loss_config,
+            model_id=model_id, base_model=self.base_model, lora=described["lora"], optimizer=described["adam"],
+            schedule=described["schedule"], loss=args.loss, loss_config=args.loss_config,
             grad_accumulation_steps=args.grad_accumulation_steps, vocab_size=self.engine_info["vocab_size"],
             max_context=self.engine_info["max_context"], tokenizer_path=self.engine_info["model_path"],
-            train_state=self.engine.train_state(model_id),
+            train_state=described["train_state"],
         )
 
     def _check_default_loss(self, args: CreateModelArgs) -> None:
@@ -193,9 +195,12 @@ class ModelService:
     def create_model_from_checkpoint(self, model_id: str, args: FromCheckpointArgs) -> ModelInfo:
         self._make_room()
         self.engine.load(model_id, args.path, with_optimizer=args.with_optimizer, create=True)
-        lora = self.engine.lora_config(model_id)
-        self.models[model_id] = _ModelRecord(CreateModelArgs(base_model=self.base_model, lora=lora,
-                                                             name=args.name))
+        described = self.engine.describe(model_id)
+        settings = {k: v for k, v in described["metadata"].get("api", {}).items()
+                    if k in ("loss", "loss_config", "grad_accumulation_steps")}
+        self.models[model_id] = _ModelRecord(CreateModelArgs(
+            base_model=self.base_model, lora=described["lora"], optimizer=described["adam"],
+            schedule=described["schedule"], name=args.name, **settings))
         self._resident[model_id] = None
         return self._info(model_id)
 
@@ -230,8 +235,11 @@ class ModelService:
         self._record(model_id)
         path = self.checkpoint_path(model_id, args.kind, args.name)
         with_optimizer = args.with_optimizer and args.kind == "weights"
+        record = self.models[model_id].args
+        api = {"loss": record.loss, "loss_config": record.loss_config,
+               "grad_accumulation_steps": record.grad_accumulation_steps}
         return self.engine.save(model_id, path, with_optimizer=with_optimizer, overwrite=args.overwrite,
-                                kind=args.kind)
+                                kind=args.kind, metadata={"api": api})
 
     def load(self, model_id: str, args: LoadArgs) -> TrainState:
         self._record(model_id)
