@@ -275,6 +275,28 @@ def test_other_losses_with_config_and_per_datum_clips(rl_setup):
     assert close(got, want, rel=1e-3, abs_=1e-3), ("ppo per-datum clips", got, want)
 
 
+def test_cross_entropy_with_top_k_targets(rl_setup):
+    """(N, K) target_tokens with (N, K) real-valued weights: -sum_ik w_ik log p(t_ik) (distillation)."""
+    client, seqs, _, _, rng = rl_setup
+    tokens, k = seqs[1], 3
+    n = len(tokens) - 1
+    targets = np.stack([np.asarray(tokens[1:])] + [rng.integers(10, 2000, size=n) for _ in range(k - 1)], axis=1)
+    weights = rng.uniform(-0.5, 1.0, size=(n, k)).astype(np.float32)
+    model_input = types.ModelInput.from_ints(tokens[:-1])
+    topk = types.Datum(model_input=model_input, loss_fn_inputs={
+        "target_tokens": types.TensorData.from_numpy(targets.astype(np.int64)),
+        "weights": types.TensorData.from_numpy(weights)})
+    columns = [types.Datum(model_input=model_input, loss_fn_inputs={
+        "target_tokens": targets[:, j].astype(np.int64).tolist(), "weights": [1.0] * n}) for j in range(k)]
+    out = client.forward_backward([topk], "cross_entropy").result()
+    per_column = np.stack(logprobs_of(client.forward(columns, "cross_entropy").result()), axis=1)
+    got = np.asarray(out.loss_fn_outputs[0]["logprobs"].to_numpy(), dtype=np.float64)
+    assert got.shape == (n, k)
+    np.testing.assert_allclose(got, per_column, atol=1e-5)
+    want = -float((weights.astype(np.float64) * per_column).sum())
+    assert close(loss_sum(out), want, rel=1e-4, abs_=1e-4), (loss_sum(out), want)
+
+
 def test_forward_backward_custom_dpo_margin_rises(service, tokenizer):
     prompt = tokenizer.encode("Which is better, tea or coffee? Answer:")
     pairs = [(" tea, always tea.", " coffee, sadly."), (" green tea with honey.", " burnt coffee.")]
@@ -351,3 +373,19 @@ def test_sdk_chunked_batch_arrives_out_of_order(tinker_client):
         assert len(out_c.loss_fn_outputs) == len(data)
         for got, want in zip(logprobs_of(out_c), logprobs_of(out_w)):
             np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_snapshot_sampling_clients_stay_usable(service):
+    """A snapshot SamplingClient keeps sampling its own weights after later snapshots of the same model
+    (an RL loop that samples a few steps off-policy keeps old clients around)."""
+    client = new_training_client(service, seed=61)
+    data = [sft_datum([4, 5, 6, 7, 8, 9, 10, 11])]
+    probe = types.ModelInput.from_ints([4, 5, 6, 7, 8, 9])
+    first = client.save_weights_and_get_sampling_client().result()
+    before = first.compute_logprobs(probe).result()
+    for _ in range(10):
+        train_step(client, data, lr=1e-2)
+        later = client.save_weights_and_get_sampling_client().result()
+        later.compute_logprobs(probe).result()  # loads each newer snapshot on the sampler
+    assert later.compute_logprobs(probe).result() != before  # the model did change
+    assert first.compute_logprobs(probe).result() == before

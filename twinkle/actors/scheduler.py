@@ -274,8 +274,7 @@ class ModelScheduler:
             finally:
                 self._busy = False
             self._resolve(item.request_id, outcome)
-            if item.method not in _UNSTORED:
-                loop.run_in_executor(None, self._persist, item.request_id, outcome)
+            loop.run_in_executor(None, self._persist, item.request_id, outcome)
 
     def _execute(self, item: WorkItem) -> tuple[str, Any]:
         try:
@@ -314,8 +313,13 @@ class ModelScheduler:
             self.store.create_sampler(result.sampler_id, item.tenant, session_id=rec.get("session_id"),
                                       base_model=self.model.name, model_path=rec.get("tinker_path"),
                                       folder=result.model_path)
-            if item.method == "create_sampler_from_model" and item.args.name is None:
-                self._expire_snapshots(item.target_id, Path(result.model_path))
+            if item.method == "create_sampler_from_model":
+                if item.args.name is None:
+                    self._expire_snapshots(item.target_id, Path(result.model_path))
+                else:  # a named snapshot is a sampler checkpoint like any other
+                    self.store.add_checkpoint(item.target_id, f"sampler_weights/{item.args.name}", item.tenant,
+                                              kind="sampler", folder=result.model_path,
+                                              size_bytes=folder_size(result.model_path))
         elif item.method == "close_model":
             self.store.set_model_status(item.target_id, "unloaded")
             self._last_used.pop(item.target_id, None)
@@ -378,9 +382,6 @@ class ModelScheduler:
             "resident_models": self._service.resident_models if self._service else [],
             "waiting_for_seq": {t: q.next_seq for t, q in self._queues.items() if q.buffer},
         }
-
-
-_UNSTORED = {"create_sampler"}  # answered directly, not through a stored future
 
 
 def _error_dict(exc: BaseException, item: WorkItem) -> dict:

@@ -109,7 +109,7 @@ class LocalBackend:
             self.owner.pop(target_id, None)
         return result
 
-    def get_tokenizer(self, tokenizer_path: str):
+    def get_tokenizer(self, base_model: str, tokenizer_path: str):
         from twinkle.modeling import load_tokenizer
 
         if tokenizer_path not in self._tokenizers:

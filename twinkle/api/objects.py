@@ -9,16 +9,34 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from pydantic import ValidationError
+
 from twinkle.api.context import current_backend
 from twinkle.api.futures import Future
 from twinkle.api.spec import (CreateModelArgs, CreateSamplerArgs, Empty, ForwardArgs, FromCheckpointArgs, LoadArgs,
                               ModelInfo, SampleArgs, SamplerInfo, SaveArgs, SaveSamplerArgs, StepArgs)
+from twinkle.errors import InvalidInputError
 from twinkle.types import (AdamParams, CheckpointInfo, Datum, ForwardResult, LoraConfig, LRSchedule, SampleResult,
                            SamplingParams, StepResult, TrainState)
 
 
+def _args(model: type, **fields):
+    """Build call arguments, turning validation errors into InvalidInputError before anything is sent."""
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise InvalidInputError(first.get("msg", "invalid value"),
+                                field=".".join(str(p) for p in first.get("loc", ())) or None) from None
+
+
 def _as_data(data: Iterable[Datum | dict]) -> list[Datum]:
-    return [d if isinstance(d, Datum) else Datum.model_validate(d) for d in data]
+    try:
+        return [d if isinstance(d, Datum) else Datum.model_validate(d) for d in data]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise InvalidInputError(first.get("msg", "invalid datum"),
+                                field="data." + ".".join(str(p) for p in first.get("loc", ()))) from None
 
 
 def pickle_loss(fn: Callable) -> bytes:
@@ -40,9 +58,9 @@ class TrainingModel:
                  name: str | None = None, backend=None, _info: ModelInfo | None = None) -> None:
         self._backend = backend or current_backend()
         if _info is None:
-            args = CreateModelArgs(base_model=base_model, lora=lora or LoraConfig(), optimizer=optimizer or AdamParams(),
-                                   schedule=schedule, loss=loss, loss_config=loss_config or {},
-                                   grad_accumulation_steps=grad_accumulation_steps, name=name)
+            args = _args(CreateModelArgs, base_model=base_model, lora=lora or LoraConfig(),
+                         optimizer=optimizer or AdamParams(), schedule=schedule, loss=loss,
+                         loss_config=loss_config or {}, grad_accumulation_steps=grad_accumulation_steps, name=name)
             _info = self._backend.call("create_model", None, args).result()
         self.info: ModelInfo = _info
         self.model_id = _info.model_id
@@ -52,7 +70,7 @@ class TrainingModel:
                         name: str | None = None, backend=None) -> "TrainingModel":
         """Resume from a saved checkpoint: weights, and optimizer + progress counters if asked."""
         backend = backend or current_backend()
-        args = FromCheckpointArgs(path=path, with_optimizer=with_optimizer, base_model=base_model, name=name)
+        args = _args(FromCheckpointArgs, path=path, with_optimizer=with_optimizer, base_model=base_model, name=name)
         info = backend.call("create_model_from_checkpoint", None, args).result()
         return cls(info.base_model, backend=backend, _info=info)
 
@@ -62,12 +80,12 @@ class TrainingModel:
     def forward(self, data: Sequence[Datum | dict], loss: str | None = None,
                 loss_config: dict[str, Any] | None = None) -> Future[ForwardResult]:
         """Loss and per-token logprobs of the targets, without gradients."""
-        return self._call("forward", ForwardArgs(data=_as_data(data), loss=loss, loss_config=loss_config))
+        return self._call("forward", _args(ForwardArgs, data=_as_data(data), loss=loss, loss_config=loss_config))
 
     def forward_backward(self, data: Sequence[Datum | dict], loss: str | None = None,
                          loss_config: dict[str, Any] | None = None) -> Future[ForwardResult]:
         """Loss and logprobs; gradients accumulate until `step`. `loss` defaults to the model's."""
-        return self._call("forward_backward", ForwardArgs(data=_as_data(data), loss=loss, loss_config=loss_config))
+        return self._call("forward_backward", _args(ForwardArgs, data=_as_data(data), loss=loss, loss_config=loss_config))
 
     def forward_backward_custom(self, data: Sequence[Datum | dict], loss_fn: Callable,
                                 loss_config: dict[str, Any] | None = None) -> Future[ForwardResult]:
@@ -76,18 +94,18 @@ class TrainingModel:
         `logprobs` is a list of per-datum tensors with gradient, `loss_inputs` the datums' inputs as
         tensors. Against a server this needs `trust_remote_code: true` in its config.
         """
-        return self._call("forward_backward", ForwardArgs(data=_as_data(data), custom_loss=pickle_loss(loss_fn),
-                                                          loss_config=loss_config))
+        return self._call("forward_backward", _args(ForwardArgs, data=_as_data(data),
+                                                                custom_loss=pickle_loss(loss_fn), loss_config=loss_config))
 
     def step(self, optimizer: AdamParams | None = None) -> Future[StepResult]:
         """Optimizer step; `optimizer` overrides the model's settings for this step only."""
-        return self._call("step", StepArgs(optimizer=optimizer))
+        return self._call("step", _args(StepArgs, optimizer=optimizer))
 
     def save(self, name: str, *, with_optimizer: bool = True, overwrite: bool = True) -> Future[CheckpointInfo]:
-        return self._call("save", SaveArgs(name=name, with_optimizer=with_optimizer, overwrite=overwrite))
+        return self._call("save", _args(SaveArgs, name=name, with_optimizer=with_optimizer, overwrite=overwrite))
 
     def load(self, path: str, *, with_optimizer: bool = True) -> Future[TrainState]:
-        return self._call("load", LoadArgs(path=path, with_optimizer=with_optimizer))
+        return self._call("load", _args(LoadArgs, path=path, with_optimizer=with_optimizer))
 
     def train_state(self) -> Future[TrainState]:
         return self._call("train_state", Empty())
@@ -97,11 +115,11 @@ class TrainingModel:
 
     def sampler(self, name: str | None = None) -> "Sampler":
         """A sampler for a snapshot of the current weights (later training does not change it)."""
-        info = self._call("create_sampler_from_model", SaveSamplerArgs(name=name)).result()
+        info = self._call("create_sampler_from_model", _args(SaveSamplerArgs, name=name)).result()
         return Sampler(backend=self._backend, _info=info)
 
     def get_tokenizer(self):
-        return self._backend.get_tokenizer(self.info.tokenizer_path)
+        return self._backend.get_tokenizer(self.info.base_model, self.info.tokenizer_path)
 
     def close(self) -> None:
         self._call("close_model", Empty()).result()
@@ -114,16 +132,16 @@ class Sampler:
                  _info: SamplerInfo | None = None) -> None:
         self._backend = backend or current_backend()
         if _info is None:
-            args = CreateSamplerArgs(base_model=base_model, model_path=model_path)
+            args = _args(CreateSamplerArgs, base_model=base_model, model_path=model_path)
             _info = self._backend.call("create_sampler", None, args).result()
         self.info: SamplerInfo = _info
         self.sampler_id = _info.sampler_id
 
     def sample(self, prompt_tokens: Sequence[int], params: SamplingParams | None = None, num_samples: int = 1,
                include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0) -> Future[SampleResult]:
-        args = SampleArgs(prompt_tokens=list(prompt_tokens), params=params or SamplingParams(),
-                          num_samples=num_samples, include_prompt_logprobs=include_prompt_logprobs,
-                          topk_prompt_logprobs=topk_prompt_logprobs)
+        args = _args(SampleArgs, prompt_tokens=list(prompt_tokens), params=params or SamplingParams(),
+                     num_samples=num_samples, include_prompt_logprobs=include_prompt_logprobs,
+                     topk_prompt_logprobs=topk_prompt_logprobs)
         return self._backend.call("sample", self.sampler_id, args)
 
     def compute_logprobs(self, tokens: Sequence[int]) -> Future[list[float | None]]:
@@ -132,4 +150,4 @@ class Sampler:
             lambda r: r.prompt_logprobs)
 
     def get_tokenizer(self):
-        return self._backend.get_tokenizer(self.info.tokenizer_path)
+        return self._backend.get_tokenizer(self.info.base_model, self.info.tokenizer_path)

@@ -13,7 +13,7 @@ from ray import serve
 
 from twinkle.config import ServerConfig
 from twinkle.errors import NotFoundError, TwinkleError
-from twinkle.http import rest_routes, tinker_routes
+from twinkle.http import native_routes, rest_routes, tinker_routes
 from twinkle.http.common import context, install_context, tenant_of
 from twinkle.http.context import ServerContext
 
@@ -22,6 +22,17 @@ log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json",
                    "config.json")
+
+
+def _tokenizer_payload(ctx: ServerContext, base_model: str) -> dict:
+    info = ctx.info(base_model)
+    folder = Path(info["model_path"])
+    if not folder.is_dir():
+        raise NotFoundError(f"{base_model} loads its tokenizer from the Hub id {info['model_path']!r}",
+                            field="base_model")
+    files = {name: base64.b64encode((folder / name).read_bytes()).decode()
+             for name in TOKENIZER_FILES if (folder / name).is_file()}
+    return {"base_model": base_model, "files": files}
 
 
 def _error_body(error: TwinkleError) -> dict:
@@ -34,6 +45,7 @@ def create_app() -> FastAPI:
     app = FastAPI(title="Twinkle", version="0.1.0", docs_url="/api/v1/docs", openapi_url="/api/v1/openapi.json")
     app.include_router(tinker_routes.router)
     app.include_router(rest_routes.router)
+    app.include_router(native_routes.router)
 
     @app.exception_handler(TwinkleError)
     async def twinkle_error(request: Request, exc: TwinkleError) -> JSONResponse:
@@ -57,14 +69,7 @@ def create_app() -> FastAPI:
     async def tokenizer_files(base_model: str, request: Request) -> dict:
         """The tokenizer files of a hosted model, for clients that cannot reach the Hub."""
         await tenant_of(request)
-        info = context(request).info(base_model)
-        folder = Path(info["model_path"])
-        if not folder.is_dir():
-            raise NotFoundError(f"{base_model} loads its tokenizer from the Hub id {info['model_path']!r}",
-                                field="base_model")
-        files = {name: base64.b64encode((folder / name).read_bytes()).decode()
-                 for name in TOKENIZER_FILES if (folder / name).is_file()}
-        return {"base_model": base_model, "files": files}
+        return _tokenizer_payload(context(request), base_model)
 
     @app.get("/api/v1/twinkle/status")
     async def status(request: Request) -> dict:
@@ -85,4 +90,37 @@ class TwinkleIngress:
 
     def __init__(self, config: dict) -> None:
         logging.basicConfig(level=logging.INFO)
-        install_context(ServerContext(ServerConfig.model_validate(config)))
+        self._ctx = ServerContext(ServerConfig.model_validate(config))
+        install_context(self._ctx)
+
+    async def ray_client_call(self, api_key: str | None, op: str, payload: bytes) -> bytes:
+        """Twinkle's API for Ray-client callers (no HTTP): the same handlers and tenant checks.
+
+        Returns msgpack {"ok": result} or {"error": {...}} (errors travel as data, not exceptions).
+        """
+        from twinkle import wire
+        from twinkle.http.native import NativeAPI
+
+        try:
+            await self._ctx.ensure_started()
+            tenant = self._ctx.keys.tenant_for({"x-api-key": api_key} if api_key else {})
+            body = wire.loads(payload) if payload else {}
+            api = NativeAPI(self._ctx)
+            if op == "submit":
+                result = await api.submit(tenant, body["method"], body.get("target_id"), body.get("seq_id"),
+                                          body.get("args") or {})
+            elif op == "retrieve":
+                result = await api.retrieve(tenant, body["request_id"], body.get("timeout"))
+            elif op == "session":
+                result = await api.create_session(tenant, body.get("metadata"))
+            elif op == "heartbeat":
+                result = await api.heartbeat(tenant, body["session_id"])
+            elif op == "finish":
+                result = await api.finish(tenant, body["session_id"])
+            elif op == "tokenizer":
+                result = _tokenizer_payload(self._ctx, body["base_model"])
+            else:
+                raise NotFoundError(f"unknown operation {op!r}", field="op")
+            return wire.dumps({"ok": result})
+        except TwinkleError as exc:
+            return wire.dumps({"error": {**exc.to_dict(), "status_code": exc.status_code}})
