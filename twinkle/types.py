@@ -22,7 +22,7 @@ def _as_array(value: Any) -> np.ndarray:
     if hasattr(value, "detach") and hasattr(value, "numpy"):  # a torch tensor, without importing torch
         return value.detach().cpu().numpy()
     array = np.asarray(value)
-    if array.dtype == object:
+    if array.dtype.kind not in "biuf":
         raise ValueError("expected a rectangular array of numbers")
     return array
 

@@ -40,9 +40,21 @@ def _as_data(data: Iterable[Datum | dict]) -> list[Datum]:
 
 
 def pickle_loss(fn: Callable) -> bytes:
+    """Pickle a user's loss by value, so the server need not import the module it was written in."""
+    import sys
+
     import cloudpickle
 
-    return cloudpickle.dumps(fn)
+    module = sys.modules.get(getattr(fn, "__module__", "") or "")
+    by_value = module is not None and module.__name__ not in ("__main__", "builtins") \
+        and not module.__name__.startswith(("twinkle", "torch", "numpy"))
+    if by_value:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        return cloudpickle.dumps(fn)
+    finally:
+        if by_value:
+            cloudpickle.unregister_pickle_by_value(module)
 
 
 class TrainingModel:

@@ -31,7 +31,7 @@ def connect(args):
     import twinkle
 
     if args.ray_address:
-        twinkle.init("ray", address=args.ray_address)
+        twinkle.init("ray", address=args.ray_address, api_key=args.api_key)
     else:
         twinkle.init("local")
     return twinkle
