@@ -143,6 +143,17 @@ class ServerConfig(_Strict):
         keys.update(parse_api_keys(os.environ.get(API_KEYS_ENV, "")))
         return keys
 
+    def check_runnable(self) -> None:
+        """Refuse, with the field named, options this build validates but cannot run yet."""
+        for model in self.models:
+            where = f"models[{model.name}]"
+            if model.backend != "transformers":
+                raise ValueError(f"{where}.backend: the {model.backend} backend is not part of this build yet; "
+                                 "use backend: transformers")
+            if model.sampler.backend != "transformers" or model.sampler.num_workers:
+                raise ValueError(f"{where}.sampler: separate {model.sampler.backend} sampler workers are not part of "
+                                 "this build yet; sampling runs on the training workers (sampler.num_workers: 0)")
+
     def check_secure(self) -> None:
         """Refuse to listen beyond loopback without keys."""
         if not self.is_loopback and not self.resolved_keys():

@@ -60,6 +60,7 @@ def start_server(config: ServerConfig, *, on_ray_started=None) -> RunningServer:
     from twinkle.store import Store
 
     config.check_secure()
+    config.check_runnable()
     state_dir = Path(config.state_dir).expanduser().resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     config = config.model_copy(update={"state_dir": str(state_dir)})

@@ -1,0 +1,64 @@
+"""The server config schema: the cookbook's configs validate, typos and unsafe settings do not."""
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from twinkle.config import load_config, parse_api_keys
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "cookbook" / "client" / "server").glob("*/server_config*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_cookbook_configs_validate(path, monkeypatch):
+    monkeypatch.setenv("TWINKLE_API_KEYS", "ops:tml-key")
+    config = load_config(path)
+    config.check_secure()
+    assert config.models
+
+
+def test_shipped_transformer_config_runs_here():
+    config = load_config(next(p for p in CONFIGS if p.parent.name == "transformer"))
+    config.check_runnable()
+    assert config.models[0].name == "twinkle-tiny"
+
+
+def test_megatron_configs_are_refused_at_start_with_a_clear_reason():
+    config = load_config(next(p for p in CONFIGS if p.parent.name == "megatron"))
+    with pytest.raises(ValueError, match="backend"):
+        config.check_runnable()
+
+
+def test_typos_and_bad_values_are_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  - name: twinkle-tiny\n    max_lora_rnak: 8\n")
+    with pytest.raises(ValidationError, match="max_lora_rnak"):
+        load_config(bad)
+    with pytest.raises(ValidationError):
+        load_config(None, port=70000)
+    with pytest.raises(ValidationError, match="unique"):
+        load_config(None, models=[{"name": "a"}, {"name": "a"}])
+
+
+def test_keys_required_beyond_loopback(monkeypatch):
+    monkeypatch.delenv("TWINKLE_API_KEYS", raising=False)
+    with pytest.raises(ValueError, match="API keys"):
+        load_config(None, host="0.0.0.0").check_secure()
+    load_config(None, host="127.0.0.1").check_secure()
+    monkeypatch.setenv("TWINKLE_API_KEYS", "alice:k1,bob:k2")
+    load_config(None, host="0.0.0.0").check_secure()
+    assert load_config(None).resolved_keys() == {"alice": "k1", "bob": "k2"}
+
+
+def test_api_key_env_format():
+    assert parse_api_keys("alice:KEY1, bob:KEY2") == {"alice": "KEY1", "bob": "KEY2"}
+    with pytest.raises(ValueError, match="tenant:key"):
+        parse_api_keys("alice")
+
+
+def test_cli_flags_override_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("port: 9000\n")
+    config = load_config(path, port=9100, model="some/model", state_dir=str(tmp_path / "s"))
+    assert config.port == 9100 and config.models[0].name == "some/model" and config.state_dir.endswith("s")
