@@ -49,16 +49,20 @@ def baseline(state_dir: str) -> dict:
 
 
 def rpc_overhead(state_dir: str) -> dict:
-    from bench.remote import rpc_overhead as measure
+    from bench.remote import remote_paths
 
     with tempfile.TemporaryDirectory(prefix="twinkle-bench-") as work:
-        result = measure(state_dir, work)
-    result["env"] = environment()
+        result, client = remote_paths(state_dir, work)
+    result["env"] = client["env"] = environment()
     print(f"SDK via server: {result['sdk_pipelined_step_s'] * 1000:.1f} ms/step pipelined vs "
           f"{result['inprocess_step_s'] * 1000:.1f} ms in-process -> ratio {result['ratio']:.3f}; "
           f"trivial round trip {result['trivial_round_trip_ms']:.1f} ms; "
           f"{result['request_bytes_per_token']:.1f} request bytes/token (raw {result['raw_binary_bytes_per_token']:.0f})")
     write("rpc_overhead", result)
+    print(f"Twinkle client via server: {client['http_client_pipelined_step_s'] * 1000:.1f} ms/step -> ratio "
+          f"{client['ratio']:.3f}; per-call overhead {client['per_call_overhead_ms']:.1f} ms over local mode; "
+          f"{client['request_bytes_per_token']:.1f} request bytes/token")
+    write("client_overhead", client)
     return result
 
 
