@@ -24,6 +24,8 @@ tinker = pytest.importorskip("tinker")
 from tinker import types  # noqa: E402
 from tinker.proto import request_conv  # noqa: E402
 
+pytestmark = pytest.mark.timeout(300)  # per test, including a first-use server start
+
 BASE = "twinkle-tiny"
 RANK = 8
 VOCAB = 2048
@@ -287,18 +289,23 @@ SDK_CASES = {
 
 
 @pytest.mark.parametrize("case", list(SDK_CASES), ids=list(SDK_CASES))
-def test_sdk_training_request_rejected(lockstep, case):
+def test_sdk_training_request_rejected(alice, lockstep, case):
     call, status, names = SDK_CASES[case]
     with pytest.raises(tinker.APIStatusError) as excinfo:
         call(lockstep.victim)
     check_sdk_error(excinfo, status, names)
+    if case.startswith("save-"):  # no checkpoint record was created under any name
+        assert rest_client(alice).list_checkpoints(lockstep.victim.model_id).result().checkpoints == []
 
 
-def test_bad_names_created_no_checkpoints(alice, pair, server):
+def rest_client(service):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        rest = alice.create_rest_client()
-    assert rest.list_checkpoints(pair.victim.model_id).result().checkpoints == []
+        return service.create_rest_client()
+
+
+def test_bad_names_left_no_files(server):
+    """'../x' and 'a/b' did not escape into (or create) folders named x, a or b anywhere."""
     root = server.state_dir.parent
     strays = [p for p in root.rglob("*") if p.name in ("x", "a", "b") and "models" not in p.parts]
     assert strays == []

@@ -21,6 +21,8 @@ tinker = pytest.importorskip("tinker")
 from tinker import types  # noqa: E402
 from tinker.proto import request_conv  # noqa: E402
 
+pytestmark = pytest.mark.timeout(300)  # per test, including a first-use server start
+
 BASE = "twinkle-tiny"
 RANK = 8
 

@@ -1,8 +1,10 @@
 """End-to-end training through the unmodified Tinker SDK (0.38) against a real `twinkle serve`.
 
-Every test drives the server only through `tinker.ServiceClient` and the clients it creates, the way
-a Tinker user would; the assertions check the *numbers* the server computes (loss math, logprobs,
-checkpoint round trips), not just that calls succeed.
+Every test drives the server through `tinker.ServiceClient` and the clients it creates, the way a
+Tinker user would (one test also lowers the SDK's `fwdbwd_max_chunk_len` on its own client, as a
+server's client/config reply could, to force chunked, out-of-order submission). The assertions check
+the *numbers* the server computes (loss math, logprobs, checkpoint round trips), not just that calls
+succeed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import pytest
 tinker = pytest.importorskip("tinker")
 torch = pytest.importorskip("torch")
 from tinker import types  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)  # per test, including a first-use server start
 
 BASE = "twinkle-tiny"
 RANK = 8

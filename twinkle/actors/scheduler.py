@@ -28,6 +28,8 @@ from twinkle.config import ModelConfig, TimeoutsConfig
 from twinkle.errors import TwinkleError
 from twinkle.paths import safe_join
 from twinkle.store import Store
+from twinkle.tiny import BUILTIN_MODELS
+from twinkle.tiny.build import publish_to_hub_cache
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,7 @@ class ModelScheduler:
         self._tasks: list[asyncio.Task] = []
         self._started = False
         self._known: OrderedDict[str, None] = OrderedDict()  # request ids accepted (dedupe)
+        self._published = False
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> dict:
@@ -108,6 +111,10 @@ class ModelScheduler:
         if not info:
             info = await asyncio.get_running_loop().run_in_executor(self._pool, self._static_info)
         info.update(name=self.model.name, running=self._group is not None)
+        if not self._published and self.model.source in BUILTIN_MODELS:
+            self._published = True  # clients on this machine find the tokenizer by model name
+            await asyncio.get_running_loop().run_in_executor(None, publish_to_hub_cache, self.model.source,
+                                                             info["model_path"])
         return info
 
     def _static_info(self) -> dict:

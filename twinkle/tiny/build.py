@@ -170,3 +170,35 @@ def ensure_builtin_model(name: str, models_dir: str | os.PathLike) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "config.json", "generation_config.json")
+
+
+def publish_to_hub_cache(name: str, folder: str | os.PathLike) -> Path | None:
+    """Make `AutoTokenizer.from_pretrained(name)` find a built-in model's tokenizer offline.
+
+    Clients on the server's machine (the Tinker SDK's sampling client asks for the tokenizer by
+    model name) then load it from the Hugging Face cache as if it had been downloaded. Only the
+    tokenizer and config files are linked; nothing is fetched.
+    """
+    try:
+        from huggingface_hub import constants
+        from huggingface_hub.file_download import repo_folder_name
+    except ImportError:
+        return None
+    source = Path(folder)
+    revision = "twinkle-" + source.name.rsplit("-", 1)[-1]
+    repo = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=name, repo_type="model")
+    snapshot = repo / "snapshots" / revision
+    try:
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for file in TOKENIZER_FILES:
+            if (source / file).exists() and not (snapshot / file).exists():
+                shutil.copyfile(source / file, snapshot / file)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(revision)
+    except OSError:
+        return None
+    return snapshot

@@ -14,7 +14,8 @@ How it works
     read once before training with `model.forward(batch, loss="cross_entropy")`: a fresh LoRA
     adapter has B = 0, so before its first step the model *is* the base model;
   * the model is created with loss="dpo", loss_config={"beta": ...}; each step is one
-    forward_backward over all pairs and one optimizer step, under a warmup + cosine LRSchedule.
+    forward_backward over a random mini-batch of pairs and one optimizer step, under a
+    warmup + cosine LRSchedule.
 A pair's reward margin is sum(w * (logp - ref)) of chosen minus rejected; it starts at exactly 0.
 
 Output lines (stable, for scripts and tests):
@@ -78,8 +79,9 @@ def main() -> None:
     parser.add_argument("--api-key", help="API key for --base-url (else $TWINKLE_API_KEY)")
     parser.add_argument("--ray-address", help="Ray address of a running Twinkle server (Ray client mode)")
     parser.add_argument("--base-model", default="twinkle-tiny")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-pairs", type=int, default=8, help="preference pairs per step")
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--beta", type=float, default=0.1, help="DPO temperature (loss_config beta)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -111,8 +113,10 @@ def main() -> None:
 
     train = pair_batch(make_pairs(TRAIN_TOPICS, rng))
     held_out = pair_batch(make_pairs(EVAL_TOPICS, rng))
-    n_pairs = len(train) // 2
-    print(f"{n_pairs} training pairs, {len(held_out) // 2} held-out pairs, beta {args.beta}", flush=True)
+    train_pairs = [train[i:i + 2] for i in range(0, len(train), 2)]
+    n_pairs = min(args.batch_pairs, len(train_pairs))
+    print(f"{len(train_pairs)} training pairs ({n_pairs} per step), {len(held_out) // 2} held-out pairs, "
+          f"beta {args.beta}", flush=True)
 
     def evaluate(label: str) -> dict:
         metrics = model.forward(held_out).result().metrics  # the model's loss (dpo), no gradients
@@ -124,14 +128,16 @@ def main() -> None:
     log = MetricsLog(args.out)
     margins = []
     for step in range(1, args.steps + 1):
-        fb = model.forward_backward(train)  # submitted together: the server queues the step
+        batch = [datum for pair in rng.sample(train_pairs, n_pairs) for datum in pair]
+        fb = model.forward_backward(batch)  # submitted together: the server queues the step
         opt = model.step()
         metrics = fb.result().metrics
         lr = opt.result().metrics.get("learning_rate", float("nan"))
         margin, accuracy = metrics["reward_margin:mean"], metrics["reward_accuracy:mean"]
         loss = metrics["loss:sum"] / n_pairs
         margins.append(margin)
-        log.log(step=step, loss=loss, margin=margin, accuracy=accuracy, lr=lr)
+        log.log(step=step, loss=loss, margin=margin, accuracy=accuracy, lr=lr,
+                chosen_reward=metrics["chosen_reward:mean"], rejected_reward=metrics["rejected_reward:mean"])
         print(f"step {step} loss {loss!r} margin {margin!r} accuracy {accuracy!r} lr {lr:.3g}", flush=True)
     evaluate("after training")
     plot = log.plot(key="margin", title="DPO reward margin (chosen - rejected)")
