@@ -389,6 +389,7 @@ class Engine:
                                     field="path")
         for _, p in state.params:
             p.grad = None
+        state.metadata = dict(saved.get("metadata") or {})
         if with_optimizer:
             saved_opt = torch.load(folder / ckpt.OPTIMIZER_STATE, weights_only=True)
             if saved_opt["param_names"] != [n for n, _ in state.params]:
@@ -396,7 +397,6 @@ class Engine:
             state.optimizer.load_state_dict(saved_opt["optimizer"])
             if saved.get("train_state"):
                 state.state = TrainState(**saved["train_state"])
-            state.metadata = dict(saved.get("metadata") or {})
             if (folder / ckpt.GRADIENTS).exists():
                 grads = torch.load(folder / ckpt.GRADIENTS, weights_only=True)
                 for name, p in state.params:
