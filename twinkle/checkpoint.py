@@ -73,7 +73,7 @@ def read_json(path: Path) -> dict:
 def require_adapter_folder(path: str | os.PathLike) -> Path:
     folder = Path(path)
     if not (folder / ADAPTER_CONFIG).exists() or not (folder / ADAPTER_WEIGHTS).exists():
-        raise NotFoundError(f"no PEFT adapter (adapter_config.json + adapter_model.safetensors) at {folder}",
+        raise NotFoundError(f"no PEFT adapter (adapter_config.json + adapter_model.safetensors) in {folder.name!r}",
                             field="path")
     return folder
 

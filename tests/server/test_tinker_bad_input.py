@@ -3,10 +3,12 @@
 A module-wide pair of alice models created with the same seed is kept in lockstep: `victim` receives
 every rejected request, `reference` never does, and after each case both take the same valid training
 step. Their losses must stay identical (a rejected request left no trace: no gradients, no optimizer
-step), and the victim's step must complete promptly: the server must free the seq_id of a request it
-rejected instead of waiting `seq_gap_s` for it (the SDK advances its turn counter even for failed
-requests). Meanwhile bob trains in a background thread and must never notice, and /healthz stays 200.
-The lockstep check runs in the `lockstep` fixture's teardown, so its failures show as ERROR of the case.
+step), and the victim's step must not wait for the rejected seq_id: the server must free the seq_id of
+a request it rejected instead of waiting `seq_gap_s` for it (the SDK advances its turn counter even
+for failed requests). The evidence is the scheduler's "seq_id N never arrived" warning in the server
+log, which it prints when it gives up waiting. Meanwhile bob trains in a background thread and must
+never notice, and /healthz stays 200. The lockstep check runs in the `lockstep` fixture's teardown,
+so its failures show as ERROR of the case.
 """
 
 from __future__ import annotations
@@ -155,12 +157,13 @@ class Lockstep:
         opt_v.result(), opt_r.result()
         after_v, after_r = loss_of(after_v.result()), loss_of(after_r.result())
         warnings_ = self.gap_warnings(log_mark)
-        if not warnings_ and elapsed > 1.0:  # slow: give Ray's log forwarding a moment, then look again
+        if not warnings_ and elapsed > SEQ_GAP_S - 0.5:  # slow: let Ray forward the log, then look again
             time.sleep(1.5)
             warnings_ = self.gap_warnings(log_mark)
-        assert not warnings_, ("the server waited for the seq_id of a request it had rejected:\n"
+        # (the log, not the clock, is the evidence: on a loaded machine a normal step can be slow too)
+        assert not warnings_, (f"the server waited for the seq_id of a request it had rejected (the next "
+                               f"forward_backward took {elapsed:.1f}s, seq_gap_s={SEQ_GAP_S}):\n"
                                + "\n".join(warnings_))
-        assert elapsed < SEQ_GAP_S, f"the next forward_backward took {elapsed:.1f}s (seq_gap_s={SEQ_GAP_S})"
         assert loss_v == loss_r, f"rejected request changed the model: victim {loss_v} != reference {loss_r}"
         assert after_v == after_r, (f"rejected request changed the optimizer step: victim {after_v} != "
                                     f"reference {after_r}")
@@ -449,8 +452,10 @@ def test_raw_oversized_batch_then_next_seq_runs_promptly(server, alice, pair):
     assert r.status_code == 200, r.text
     result = poll(server, r.json()["request_id"])
     elapsed = time.time() - started
-    assert not pair.gap_warnings(mark, raw.model_id), pair.gap_warnings(mark, raw.model_id)
-    assert elapsed < SEQ_GAP_S, f"seq 2 waited {elapsed:.1f}s for the rejected seq 1"
+    if elapsed > SEQ_GAP_S - 0.5:
+        time.sleep(1.5)  # let Ray forward the scheduler's log
+    gaps = pair.gap_warnings(mark, raw.model_id)
+    assert not gaps, f"seq 2 waited ({elapsed:.1f}s) for the rejected seq 1: {gaps}"
     assert result["metrics"]["loss:sum"] == pair.initial_loss
 
 

@@ -33,7 +33,7 @@ from twinkle.tiny.build import publish_to_hub_cache
 
 log = logging.getLogger(__name__)
 
-EPHEMERAL_SNAPSHOTS_KEPT = 8
+EPHEMERAL_SNAPSHOTS_KEPT = 32  # unnamed sampler snapshots per model (one per RL step), newest kept
 
 
 @dataclass

@@ -288,7 +288,9 @@ class ModelService:
             stat = os.stat(model_path)
             version = f"{stat.st_ino}-{stat.st_mtime_ns}"
         except OSError:
-            raise NotFoundError(f"checkpoint folder {model_path} no longer exists", field="model_path") from None
+            raise NotFoundError(f"the weights of this sampler ({Path(model_path).name}) were released; temporary "
+                                "snapshots are kept for a limited number of steps, so create a new sampler",
+                                field="model_path") from None
         cached = self._sampler_adapters.get(model_path)
         if cached is not None and cached[1] == version and self.engine.has_adapter(cached[0]):
             self._sampler_adapters.move_to_end(model_path)

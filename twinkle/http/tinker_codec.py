@@ -96,15 +96,20 @@ def _tokens_from_chunks(chunks, field: str) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
-def parse_forward_backward_proto(body: bytes, content_encoding: str | None = None) -> dict:
-    """Decode a protobuf ForwardBackwardRequest into plain data (datums as `Datum`)."""
+def maybe_decompress(body: bytes, content_encoding: str | None) -> bytes:
     if content_encoding and "zstd" in content_encoding.lower():
         import zstandard
 
         try:
-            body = zstandard.ZstdDecompressor().decompressobj().decompress(body)
+            return zstandard.ZstdDecompressor().decompressobj().decompress(body)
         except zstandard.ZstdError as exc:
             raise InvalidInputError(f"body is not valid zstd: {exc}", field="body") from None
+    return body
+
+
+def parse_forward_backward_proto(body: bytes, content_encoding: str | None = None) -> dict:
+    """Decode a protobuf ForwardBackwardRequest into plain data (datums as `Datum`)."""
+    body = maybe_decompress(body, content_encoding)
     request = pb().ForwardBackwardRequest()
     try:
         request.ParseFromString(body)

@@ -7,6 +7,7 @@ model's scheduler in seq_id order; `retrieve_future` long-polls for the result.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -133,13 +134,47 @@ def _future_reply(request_id: str, **extra) -> dict:
     return {"request_id": request_id, **{k: v for k, v in extra.items() if v is not None}}
 
 
-async def _rejecting(ctx, base_model: str, model_id: str, seq_id: int | None, check):
-    """Run `check`; if it rejects the request, free its seq_id so later requests are not held up."""
+async def _request_target(request: Request) -> tuple[str | None, int | None]:
+    """(model_id, seq_id) of a training request, read from its raw body (protobuf or JSON)."""
+    raw = await request.body()  # cached by Starlette: the handler has already read it
     try:
-        return check()
-    except TwinkleError:
-        await ctx.skip(base_model, model_id, seq_id)
-        raise
+        if codec.PROTOBUF in request.headers.get("content-type", ""):
+            message = codec.pb().ForwardBackwardRequest()
+            message.ParseFromString(codec.maybe_decompress(raw, request.headers.get("content-encoding")))
+            return message.model_id or None, int(message.seq_id)
+        data = json.loads(raw) if raw else {}
+        seq_id = data.get("seq_id")
+        return data.get("model_id"), seq_id if isinstance(seq_id, int) else None
+    except Exception:
+        return None, None
+
+
+def frees_seq_on_rejection(handler):
+    """A training request rejected with a 4xx still used up its seq_id on the client: tell the
+    model's scheduler, so the requests after it are not held up waiting for it."""
+
+    @functools.wraps(handler)
+    async def wrapper(request: Request):
+        try:
+            return await handler(request)
+        except TwinkleError:
+            model_id, seq_id = await _request_target(request)
+            if model_id and seq_id is not None:
+                ctx = context(request)
+                try:
+                    tenant = ctx.keys.tenant_for(request.headers)
+                    await ctx.skip(await ctx.model_owner(model_id, tenant), model_id, seq_id)
+                except TwinkleError:
+                    pass
+            raise
+
+    return wrapper
+
+
+def _pydantic_error(exc: Exception, field: str) -> InvalidInputError:
+    first = exc.errors()[0] if hasattr(exc, "errors") and exc.errors() else {}
+    loc = ".".join(str(p) for p in first.get("loc", ()))
+    return InvalidInputError(first.get("msg", str(exc)), field=f"{field}.{loc}" if loc else field)
 
 
 # --------------------------------------------------------------- service
@@ -241,7 +276,7 @@ def _lora(body: LoraBody | None, info: dict) -> LoraConfig:
         return LoraConfig(rank=body.rank, seed=body.seed, train_attn=body.train_attn, train_mlp=body.train_mlp,
                           train_unembed=body.train_unembed)
     except ValueError as exc:
-        raise InvalidInputError(str(exc).splitlines()[-1], field="lora_config") from None
+        raise _pydantic_error(exc, "lora_config") from None
 
 
 def _model_id(session_id: str, model_seq_id: int) -> str:
@@ -288,6 +323,7 @@ async def get_info(request: Request) -> dict:
 
 
 @router.post("/unload_model")
+@frees_seq_on_rejection
 async def unload_model(request: Request) -> dict:
     tenant = await tenant_of(request)
     ctx = context(request)
@@ -309,10 +345,11 @@ async def _submit_forward(request: Request, parsed: dict) -> dict:
     base_model = await ctx.model_owner(model_id, tenant)
     info = ctx.info(base_model)
     limits = ctx.config.limits
-    loss = parsed["loss_fn"] or "cross_entropy"
-    await _rejecting(ctx, base_model, model_id, seq_id, lambda: validate_batch(
-        parsed["data"], loss, parsed["loss_fn_config"], info["vocab_size"],
-        max_datums=limits.max_datums_per_request, max_tokens=limits.max_tokens_per_request))
+    loss = parsed["loss_fn"]
+    if not loss:
+        raise InvalidInputError("missing loss_fn; e.g. cross_entropy", field="loss_fn")
+    validate_batch(parsed["data"], loss, parsed["loss_fn_config"], info["vocab_size"],
+                   max_datums=limits.max_datums_per_request, max_tokens=limits.max_tokens_per_request)
     forward_only = parsed["forward_only"]
     args = ForwardArgs(data=parsed["data"], loss=loss, loss_config=parsed["loss_fn_config"])
     request_id = await ctx.submit(tenant, base_model, "forward" if forward_only else "forward_backward", model_id,
@@ -322,6 +359,7 @@ async def _submit_forward(request: Request, parsed: dict) -> dict:
 
 
 @router.post("/forward_backward")
+@frees_seq_on_rejection
 async def forward_backward(request: Request) -> dict:
     content_type = request.headers.get("content-type", "")
     if codec.PROTOBUF in content_type:
@@ -336,12 +374,14 @@ async def forward_backward(request: Request) -> dict:
 
 
 @router.post("/forward")
+@frees_seq_on_rejection
 async def forward(request: Request) -> dict:
     parsed = codec.parse_forward_backward_json(await read_json(request), "forward_input")
     return await _submit_forward(request, parsed)
 
 
 @router.post("/optim_step")
+@frees_seq_on_rejection
 async def optim_step(request: Request) -> dict:
     tenant = await tenant_of(request)
     ctx = context(request)
@@ -356,22 +396,22 @@ async def optim_step(request: Request) -> dict:
         try:
             return AdamParams(**params.model_dump())
         except ValueError as exc:
-            raise InvalidInputError(str(exc).splitlines()[-1], field="adam_params") from None
+            raise _pydantic_error(exc, "adam_params") from None
 
-    adam = await _rejecting(ctx, base_model, body.model_id, body.seq_id, check)
+    adam = check()
     request_id = await ctx.submit(tenant, base_model, "step", body.model_id, StepArgs(optimizer=adam),
                                   seq_id=body.seq_id, ordered=body.seq_id is not None, extra={"type": "OptimStep"})
     return _future_reply(request_id, model_id=body.model_id)
 
 
 @router.post("/save_weights")
+@frees_seq_on_rejection
 async def save_weights(request: Request) -> dict:
     tenant = await tenant_of(request)
     ctx = context(request)
     body = await parse(request, SaveWeightsBody)
     base_model = await ctx.model_owner(body.model_id, tenant)
-    name = await _rejecting(ctx, base_model, body.model_id, body.seq_id,
-                            lambda: check_name(body.path or f"checkpoint-{int(time.time())}", "path"))
+    name = check_name(body.path or f"checkpoint-{int(time.time())}", "path")
     path = tinker_path(body.model_id, "weights", name)
     args = SaveArgs(name=name, with_optimizer=True, overwrite=body.overwrite, kind="weights")
     request_id = await ctx.submit(tenant, base_model, "save", body.model_id, args, seq_id=body.seq_id,
@@ -381,6 +421,7 @@ async def save_weights(request: Request) -> dict:
 
 
 @router.post("/save_weights_for_sampler")
+@frees_seq_on_rejection
 async def save_weights_for_sampler(request: Request) -> dict:
     tenant = await tenant_of(request)
     ctx = context(request)
@@ -388,7 +429,7 @@ async def save_weights_for_sampler(request: Request) -> dict:
     base_model = await ctx.model_owner(body.model_id, tenant)
     ordered = body.seq_id is not None
     if body.path:  # named: a sampler checkpoint others can load by path
-        name = await _rejecting(ctx, base_model, body.model_id, body.seq_id, lambda: check_name(body.path, "path"))
+        name = check_name(body.path, "path")
         path = tinker_path(body.model_id, "sampler_weights", name)
         args = SaveArgs(name=name, with_optimizer=False, overwrite=True, kind="sampler_weights")
         request_id = await ctx.submit(tenant, base_model, "save", body.model_id, args, seq_id=body.seq_id,
@@ -417,6 +458,7 @@ async def save_weights_external(request: Request) -> dict:
 
 
 @router.post("/load_weights")
+@frees_seq_on_rejection
 async def load_weights(request: Request) -> dict:
     tenant = await tenant_of(request)
     ctx = context(request)
@@ -437,11 +479,7 @@ async def load_weights(request: Request) -> dict:
                     "user_metadata": body.user_metadata})
         return _future_reply(request_id, model_id=model_id)
     base_model = await ctx.model_owner(body.model_id, tenant)
-    try:
-        ckpt = await resolve_checkpoint(ctx, body.path, tenant)
-    except TwinkleError:
-        await ctx.skip(base_model, body.model_id, body.seq_id)
-        raise
+    ckpt = await resolve_checkpoint(ctx, body.path, tenant)
     args = LoadArgs(path=ckpt["folder"], with_optimizer=body.optimizer)
     request_id = await ctx.submit(tenant, base_model, "load", body.model_id, args, seq_id=body.seq_id,
                                   ordered=body.seq_id is not None,
