@@ -404,6 +404,18 @@ async def optim_step(request: Request) -> dict:
     return _future_reply(request_id, model_id=body.model_id)
 
 
+async def _submit_save(ctx, tenant: str, base_model: str, body: SaveWeightsBody, name: str, kind: str,
+                       reply_type: str) -> dict:
+    """A named checkpoint: full training state (weights) or adapter only (sampler_weights)."""
+    args = SaveArgs(name=name, with_optimizer=kind == "weights", overwrite=body.overwrite or kind != "weights",
+                    kind=kind)
+    request_id = await ctx.submit(tenant, base_model, "save", body.model_id, args, seq_id=body.seq_id,
+                                  ordered=body.seq_id is not None,
+                                  extra={"type": reply_type, "path": tinker_path(body.model_id, kind, name)},
+                                  record={"ttl_seconds": body.ttl_seconds, "user_metadata": body.user_metadata})
+    return _future_reply(request_id, model_id=body.model_id)
+
+
 @router.post("/save_weights")
 @frees_seq_on_rejection
 async def save_weights(request: Request) -> dict:
@@ -412,12 +424,7 @@ async def save_weights(request: Request) -> dict:
     body = await parse(request, SaveWeightsBody)
     base_model = await ctx.model_owner(body.model_id, tenant)
     name = check_name(body.path or f"checkpoint-{int(time.time())}", "path")
-    path = tinker_path(body.model_id, "weights", name)
-    args = SaveArgs(name=name, with_optimizer=True, overwrite=body.overwrite, kind="weights")
-    request_id = await ctx.submit(tenant, base_model, "save", body.model_id, args, seq_id=body.seq_id,
-                                  ordered=body.seq_id is not None, extra={"type": "SaveWeights", "path": path},
-                                  record={"ttl_seconds": body.ttl_seconds, "user_metadata": body.user_metadata})
-    return _future_reply(request_id, model_id=body.model_id)
+    return await _submit_save(ctx, tenant, base_model, body, name, "weights", "SaveWeights")
 
 
 @router.post("/save_weights_for_sampler")
@@ -430,12 +437,7 @@ async def save_weights_for_sampler(request: Request) -> dict:
     ordered = body.seq_id is not None
     if body.path:  # named: a sampler checkpoint others can load by path
         name = check_name(body.path, "path")
-        path = tinker_path(body.model_id, "sampler_weights", name)
-        args = SaveArgs(name=name, with_optimizer=False, overwrite=True, kind="sampler_weights")
-        request_id = await ctx.submit(tenant, base_model, "save", body.model_id, args, seq_id=body.seq_id,
-                                      ordered=ordered, extra={"type": "SaveWeightsForSampler", "path": path},
-                                      record={"ttl_seconds": body.ttl_seconds, "user_metadata": body.user_metadata})
-        return _future_reply(request_id, model_id=body.model_id)
+        return await _submit_save(ctx, tenant, base_model, body, name, "sampler_weights", "SaveWeightsForSampler")
     # unnamed (save_weights_and_get_sampling_client): a snapshot and a sampler for it
     session_id = body.model_id.split(":train:")[0]
     counter = body.sampling_session_seq_id

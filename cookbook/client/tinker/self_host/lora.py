@@ -32,8 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # cookbook/common.
 from common import MetricsLog  # noqa: E402
 
 WORDS = """hello world apple banana cat dog egg fish green house ice jump king lemon moon
-night orange pig queen river stone tree under vote water yellow zoo bread chair smile
-string glove plant school three""".split()
+night orange pig queen river stone tree smile string""".split()
 VOWELS = "aeiou"
 
 
@@ -81,11 +80,11 @@ def main() -> None:
     parser.add_argument("--base-url", default=os.environ.get("TINKER_BASE_URL", "http://127.0.0.1:8000"))
     parser.add_argument("--api-key", default=os.environ.get("TINKER_API_KEY", "tml-local"))
     parser.add_argument("--base-model", default="twinkle-tiny")
-    parser.add_argument("--steps", type=int, default=40, help="last step number (also when resuming)")
-    parser.add_argument("--save-every", type=int, default=10, help="save_state every N steps (0: only at the end)")
+    parser.add_argument("--steps", type=int, default=60, help="last step number (also when resuming)")
+    parser.add_argument("--save-every", type=int, default=20, help="save_state every N steps (0: only at the end)")
     parser.add_argument("--resume", default=None, help="tinker://.../weights/<name> saved by this recipe")
-    parser.add_argument("--learning-rate", type=float, default=5e-3)
-    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval", type=int, default=8, help="words to translate greedily at the end (0: skip)")
     parser.add_argument("--out", default="outputs/tinker_lora", help="metrics JSONL and loss plot")
