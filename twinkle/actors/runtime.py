@@ -19,6 +19,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespa
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray starts workers at nice 15; model workers are the server's main job, so they run at
+    # normal priority (only applies to a Ray this process starts).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
 
     if ray.is_initialized():
