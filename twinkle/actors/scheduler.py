@@ -17,7 +17,7 @@ import logging
 import shutil
 import time
 import traceback
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,7 @@ class ModelScheduler:
         self._started = False
         self._known: OrderedDict[str, None] = OrderedDict()  # request ids accepted (dedupe)
         self._published = False
+        self._timings: dict[str, deque] = {}  # recent execution times per method, for stats()
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> dict:
@@ -284,6 +285,13 @@ class ModelScheduler:
             loop.run_in_executor(None, self._persist, item.request_id, outcome)
 
     def _execute(self, item: WorkItem) -> tuple[str, Any]:
+        started = time.perf_counter()
+        try:
+            return self._run_item(item)
+        finally:
+            self._timings.setdefault(item.method, deque(maxlen=200)).append(time.perf_counter() - started)
+
+    def _run_item(self, item: WorkItem) -> tuple[str, Any]:
         try:
             self._ensure_engine()
             if item.target_id and item.target_id in self._service.models:
@@ -388,6 +396,7 @@ class ModelScheduler:
             "busy": self._busy,
             "resident_models": self._service.resident_models if self._service else [],
             "waiting_for_seq": {t: q.next_seq for t, q in self._queues.items() if q.buffer},
+            "execute_ms_p50": {m: round(1000 * sorted(d)[len(d) // 2], 2) for m, d in self._timings.items() if d},
         }
 
 
