@@ -110,6 +110,7 @@ class ServerConfig(_Strict):
     state_dir: str = "twinkle_state"
     trust_remote_code: bool = Field(False, description="allow clients' pickled custom losses")
     ingress_replicas: int = Field(1, ge=1)
+    access_log: bool = Field(False, description="log every HTTP request (costs CPU per request)")
     models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig(name="twinkle-tiny")])
     auth: AuthConfig = Field(default_factory=AuthConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)

@@ -32,6 +32,9 @@ class RunningServer:
         from ray import serve
 
         log.info("stopping Twinkle")
+        if self.embedded_ray:  # everything runs in the Ray this process started: stopping it stops all
+            ray.shutdown()
+            return
         try:
             serve.shutdown()
         except Exception as exc:  # noqa: BLE001 - keep tearing down
@@ -42,8 +45,6 @@ class RunningServer:
                 ray.kill(handle)
             except Exception as exc:  # noqa: BLE001
                 log.warning("scheduler %s shutdown: %s", name, exc)
-        if self.embedded_ray:
-            ray.shutdown()
 
 
 def start_server(config: ServerConfig, *, on_ray_started=None) -> RunningServer:
@@ -88,6 +89,7 @@ def start_server(config: ServerConfig, *, on_ray_started=None) -> RunningServer:
         deployment = TwinkleIngress.options(
             num_replicas=config.ingress_replicas,
             ray_actor_options={"num_cpus": 0, "resources": {node_resource: 0.001}},
+            logging_config={"enable_access_log": config.access_log},
         )
         serve.run(deployment.bind(config.model_dump()), name=APP_NAME, route_prefix="/")
     except BaseException:

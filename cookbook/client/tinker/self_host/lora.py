@@ -1,15 +1,20 @@
 """LoRA SFT with save and resume, through the Tinker SDK against a Twinkle server: teach the model
-Pig Latin ("Translate to Pig Latin: hello" -> "ellohay") on words generated in this script.
+Pig Latin ("Translate to Pig Latin: hello" -> "ellohay"), with the translations of a word list
+generated in this script.
 
 Plain Tinker code: only the base URL and key point it at Twinkle.
 
-    python lora.py --base-url http://127.0.0.1:8000 --api-key tml-... --steps 40 --save-every 10
-    python lora.py ... --resume tinker://<run>/weights/step-0020 --steps 40   # continues at step 21
+    python lora.py --base-url http://127.0.0.1:8000 --api-key tml-... --steps 60 --save-every 20
+    python lora.py ... --resume tinker://<run>/weights/step-0020 --steps 60   # continues at step 21
 
-Every step trains on the same batch (all the words), so a resumed run must pick up the loss curve
-exactly where the saved run left it; --steps is the last step number, also when resuming.
+save_state stores the adapter and its Adam moments; --resume restores both with
+create_training_client_from_state_with_optimizer (a new training run). Every step trains on the
+same batch (all the words), so a resumed run picks up the loss curve exactly where the saved run
+left it. --steps is the last step number, also when resuming.
 
 Output lines (stable, for scripts and tests):
+    resumed from <tinker path> at step <n>               (with --resume)
+    training run: <training run id>
     step <n> loss <per-token loss>
     checkpoint: tinker://<run>/weights/<name>           (one per save)
     eval: <k>/<n> words translated exactly               (greedy sampling after training)
@@ -115,7 +120,6 @@ def main() -> None:
     log = MetricsLog(args.out)
     adam = types.AdamParams(learning_rate=args.learning_rate)
     losses = []
-    checkpoint = None
     for step in range(first_step, args.steps + 1):
         fb = training.forward_backward(batch, "cross_entropy")  # both submitted before waiting
         opt = training.optim_step(adam)

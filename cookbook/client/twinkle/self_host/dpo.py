@@ -12,7 +12,8 @@ How it works
     `weights` = 1 on the reply tokens only;
   * `ref_logprobs` are the per-token logprobs of the same tokens under the reference (base) model,
     read once before training with `model.forward(batch, loss="cross_entropy")`: a fresh LoRA
-    adapter has B = 0, so before its first step the model *is* the base model;
+    adapter has B = 0, so before its first step the model *is* the base model (to start from a
+    trained adapter instead, read them from a frozen `TrainingModel.from_checkpoint(path)`);
   * the model is created with loss="dpo", loss_config={"beta": ...}; each step is one
     forward_backward over a random mini-batch of pairs and one optimizer step, under a
     warmup + cosine LRSchedule.
@@ -143,7 +144,8 @@ def main() -> None:
     plot = log.plot(key="margin", title="DPO reward margin (chosen - rejected)")
     if plot:
         print(f"plot: {plot}")
-    print(f"final: margin {margins[0]:.4f} -> {margins[-1]:.4f}")
+    if margins:
+        print(f"final: margin {margins[0]:.4f} -> {margins[-1]:.4f}")
 
 
 if __name__ == "__main__":
