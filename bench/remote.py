@@ -6,7 +6,6 @@ import gc
 import time
 from pathlib import Path
 
-import numpy as np
 
 from bench.inprocess import make_engine, train_step_time
 from bench.workloads import BENCH_MODEL, LORA_RANK, MEASURED_STEPS, WARMUP_STEPS, sft_batch, summarize, tokens_in

@@ -59,3 +59,53 @@ class MetricsLog:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
+
+
+# ------------------------------------------------------------------ connecting
+def add_twinkle_connection_flags(parser) -> None:
+    """--base-url / --api-key / --ray-address: where a Twinkle-API recipe runs (default: in-process)."""
+    parser.add_argument("--base-url", help="Twinkle server URL (HTTP mode)")
+    parser.add_argument("--api-key", help="API key for the server (else $TWINKLE_API_KEY)")
+    parser.add_argument("--ray-address", help="Ray address of a running Twinkle server (Ray client mode)")
+
+
+def connect_twinkle(args):
+    """Pick where Twinkle's API runs and return the module to build objects from: the training
+    code is the same in every mode."""
+    if args.base_url:
+        import twinkle_client
+
+        twinkle_client.init_twinkle_client(base_url=args.base_url, api_key=args.api_key)
+        return twinkle_client
+    import twinkle
+
+    if args.ray_address:
+        twinkle.init("ray", address=args.ray_address, api_key=args.api_key)
+    else:
+        twinkle.init("local")
+    return twinkle
+
+
+def add_tinker_connection_flags(parser) -> None:
+    """--base-url / --api-key for a Tinker-SDK recipe (defaults: $TINKER_BASE_URL, $TINKER_API_KEY)."""
+    import os
+
+    parser.add_argument("--base-url", default=os.environ.get("TINKER_BASE_URL", "http://127.0.0.1:8000"))
+    parser.add_argument("--api-key", default=os.environ.get("TINKER_API_KEY", "tml-local"))
+
+
+def tinker_service(args):
+    """A tinker.ServiceClient for the server; keys without Tinker's `tml-` prefix go through
+    `init_tinker_client`, which teaches the SDK to accept them."""
+    import tinker
+
+    if args.api_key.startswith("tml-"):
+        return tinker.ServiceClient(base_url=args.base_url, api_key=args.api_key)
+    from twinkle.tinker_patch import init_tinker_client
+
+    return init_tinker_client(base_url=args.base_url, api_key=args.api_key)
+
+
+def ready(client_or_future):
+    """SDK >= 0.38 returns creation futures (call .result()); older SDKs return the client."""
+    return client_or_future.result() if hasattr(client_or_future, "result") else client_or_future

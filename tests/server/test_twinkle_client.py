@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-import torch
 
 from tests.server.conftest import start_twinkle_server
 from twinkle import AdamParams, Datum, LoraConfig, SamplingParams, TrainingModel

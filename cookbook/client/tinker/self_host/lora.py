@@ -25,7 +25,6 @@ Output lines (stable, for scripts and tests):
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ import tinker
 from tinker import types
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # cookbook/common.py
-from common import MetricsLog  # noqa: E402
+from common import MetricsLog, add_tinker_connection_flags, ready, tinker_service  # noqa: E402
 
 WORDS = """hello world apple banana cat dog egg fish green house ice jump king lemon moon
 night orange pig queen river stone tree smile string""".split()
@@ -48,10 +47,6 @@ def pig_latin(word: str) -> str:
     cut = next((i for i, ch in enumerate(word) if ch in VOWELS), len(word))
     return word[cut:] + word[:cut] + "ay"
 
-
-def ready(client_or_future):
-    """SDK >= 0.38 returns creation futures (call .result()); older SDKs return the client."""
-    return client_or_future.result() if hasattr(client_or_future, "result") else client_or_future
 
 
 def chat_ids(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
@@ -82,8 +77,7 @@ def translate_all(sampling_client, tokenizer, words: list[str]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-url", default=os.environ.get("TINKER_BASE_URL", "http://127.0.0.1:8000"))
-    parser.add_argument("--api-key", default=os.environ.get("TINKER_API_KEY", "tml-local"))
+    add_tinker_connection_flags(parser)
     parser.add_argument("--base-model", default="twinkle-tiny")
     parser.add_argument("--steps", type=int, default=60, help="last step number (also when resuming)")
     parser.add_argument("--save-every", type=int, default=20, help="save_state every N steps (0: only at the end)")
@@ -95,12 +89,7 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/tinker_lora", help="metrics JSONL and loss plot")
     args = parser.parse_args()
 
-    if args.api_key.startswith("tml-"):
-        service = tinker.ServiceClient(base_url=args.base_url, api_key=args.api_key)
-    else:  # a Twinkle key without Tinker's prefix: let the SDK accept it
-        from twinkle.tinker_patch import init_tinker_client
-
-        service = init_tinker_client(base_url=args.base_url, api_key=args.api_key)
+    service = tinker_service(args)
 
     if args.resume:
         # Weights *and* Adam moments, so the next update is the one the saved run would have made.

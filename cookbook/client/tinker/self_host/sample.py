@@ -31,22 +31,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-import tinker
 from tinker import types
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # cookbook/common.py
-from common import MetricsLog  # noqa: E402
+from common import MetricsLog, add_tinker_connection_flags, ready, tinker_service  # noqa: E402
 
 TRAIN_REPLY = "Hello! I am Twinkle."
 
-
-def ready(client_or_future):
-    """SDK >= 0.38 returns creation futures (call .result()); older SDKs return the client."""
-    return client_or_future.result() if hasattr(client_or_future, "result") else client_or_future
 
 
 def chat_ids(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
@@ -76,8 +70,7 @@ def train_quick_checkpoint(service, args, log: MetricsLog):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-url", default=os.environ.get("TINKER_BASE_URL", "http://127.0.0.1:8000"))
-    parser.add_argument("--api-key", default=os.environ.get("TINKER_API_KEY", "tml-local"))
+    add_tinker_connection_flags(parser)
     parser.add_argument("--base-model", default="twinkle-tiny")
     parser.add_argument("--model-path", default=None, help="tinker://... checkpoint; default: train and save one")
     parser.add_argument("--steps", "--train-steps", dest="train_steps", type=int, default=10,
@@ -91,12 +84,7 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/tinker_sample", help="samples.jsonl (+ metrics of the quick SFT)")
     args = parser.parse_args()
 
-    if args.api_key.startswith("tml-"):
-        service = tinker.ServiceClient(base_url=args.base_url, api_key=args.api_key)
-    else:  # a Twinkle key without Tinker's prefix: let the SDK accept it
-        from twinkle.tinker_patch import init_tinker_client
-
-        service = init_tinker_client(base_url=args.base_url, api_key=args.api_key)
+    service = tinker_service(args)
 
     log = MetricsLog(args.out)
     if args.model_path:

@@ -9,22 +9,16 @@ Plain Tinker code: only the base URL and key point it at Twinkle.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-import tinker
 from tinker import types
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # cookbook/common.py
-from common import MetricsLog, load_jsonl  # noqa: E402
+from common import MetricsLog, add_tinker_connection_flags, load_jsonl, ready, tinker_service  # noqa: E402
 
 QUESTION = "Who are you?"
 
-
-def ready(client_or_future):
-    """SDK >= 0.38 returns creation futures (call .result()); older SDKs return the client."""
-    return client_or_future.result() if hasattr(client_or_future, "result") else client_or_future
 
 
 def build_datum(tokenizer, messages: list[dict]) -> types.Datum:
@@ -47,8 +41,7 @@ def ask(sampling_client, tokenizer, question: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-url", default=os.environ.get("TINKER_BASE_URL", "http://127.0.0.1:8000"))
-    parser.add_argument("--api-key", default=os.environ.get("TINKER_API_KEY", "tml-local"))
+    add_tinker_connection_flags(parser)
     parser.add_argument("--base-model", default="twinkle-tiny")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--learning-rate", type=float, default=5e-3)
@@ -57,12 +50,7 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/tinker_self_cognition", help="metrics JSONL and loss plot")
     args = parser.parse_args()
 
-    if args.api_key.startswith("tml-"):
-        service = tinker.ServiceClient(base_url=args.base_url, api_key=args.api_key)
-    else:  # a Twinkle key without Tinker's prefix: let the SDK accept it
-        from twinkle.tinker_patch import init_tinker_client
-
-        service = init_tinker_client(base_url=args.base_url, api_key=args.api_key)
+    service = tinker_service(args)
     training = ready(service.create_lora_training_client(base_model=args.base_model, rank=args.rank,
                                                          seed=args.seed))
     tokenizer = training.get_tokenizer()

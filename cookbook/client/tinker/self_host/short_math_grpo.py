@@ -35,18 +35,16 @@ Output lines (stable, for scripts and tests):
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
-import tinker
 from tinker import types
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # cookbook/common.py
-from common import MetricsLog  # noqa: E402
+from common import MetricsLog, add_tinker_connection_flags, ready, tinker_service  # noqa: E402
 
 FORMAT_BONUS = 0.1
 
@@ -64,10 +62,6 @@ def score(text: str, stop_reason: str, answer: int) -> tuple[float, bool]:
     well_formed = stop_reason == "stop" and re.fullmatch(r"-?\d+", text) is not None
     return float(correct) + FORMAT_BONUS * well_formed, correct
 
-
-def ready(client_or_future):
-    """SDK >= 0.38 returns creation futures (call .result()); older SDKs return the client."""
-    return client_or_future.result() if hasattr(client_or_future, "result") else client_or_future
 
 
 def prompt_ids(tokenizer, question: str) -> list[int]:
@@ -97,8 +91,7 @@ def sample_groups(sampler, prompts, batch, num_samples: int, stop: int, seed: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-url", default=os.environ.get("TINKER_BASE_URL", "http://127.0.0.1:8000"))
-    parser.add_argument("--api-key", default=os.environ.get("TINKER_API_KEY", "tml-local"))
+    add_tinker_connection_flags(parser)
     parser.add_argument("--base-model", default="twinkle-tiny")
     parser.add_argument("--steps", type=int, default=20, help="RL steps")
     parser.add_argument("--warmup-steps", type=int, default=40, help="supervised warm-up steps")
@@ -114,12 +107,7 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/tinker_short_math_grpo", help="metrics JSONL and reward plot")
     args = parser.parse_args()
 
-    if args.api_key.startswith("tml-"):
-        service = tinker.ServiceClient(base_url=args.base_url, api_key=args.api_key)
-    else:  # a Twinkle key without Tinker's prefix: let the SDK accept it
-        from twinkle.tinker_patch import init_tinker_client
-
-        service = init_tinker_client(base_url=args.base_url, api_key=args.api_key)
+    service = tinker_service(args)
     training = ready(service.create_lora_training_client(base_model=args.base_model, rank=args.rank,
                                                          seed=args.seed))
     tokenizer = training.get_tokenizer()

@@ -32,25 +32,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # cookbook/common.py
 
-from common import load_jsonl  # noqa: E402
+from common import add_twinkle_connection_flags, connect_twinkle, load_jsonl  # noqa: E402
 
 QUESTION = "Who are you?"
 
-
-def connect(args):
-    """Pick where the API runs; the sampling code below is the same in every mode."""
-    if args.base_url:
-        import twinkle_client
-
-        twinkle_client.init_twinkle_client(base_url=args.base_url, api_key=args.api_key)
-        return twinkle_client
-    import twinkle
-
-    if args.ray_address:
-        twinkle.init("ray", address=args.ray_address, api_key=args.api_key)
-    else:
-        twinkle.init("local")
-    return twinkle
 
 
 def train_and_save(api, args) -> str:
@@ -73,9 +58,7 @@ def train_and_save(api, args) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-url", help="Twinkle server URL (HTTP mode)")
-    parser.add_argument("--api-key", help="API key for --base-url (else $TWINKLE_API_KEY)")
-    parser.add_argument("--ray-address", help="Ray address of a running Twinkle server (Ray client mode)")
+    add_twinkle_connection_flags(parser)
     parser.add_argument("--base-model", default="twinkle-tiny", help="used only when training a checkpoint here")
     parser.add_argument("--model-path", help="checkpoint or sampler-snapshot path to sample from")
     parser.add_argument("--steps", type=int, default=30, help="training steps when no --model-path is given")
@@ -88,7 +71,7 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/twinkle_sample", help="writes samples.json (the full result) here")
     args = parser.parse_args()
 
-    api = connect(args)
+    api = connect_twinkle(args)
     from twinkle.chat import build_prompt, decode
 
     model_path = args.model_path or train_and_save(api, args)

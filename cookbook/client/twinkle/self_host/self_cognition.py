@@ -16,32 +16,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # cookbook/common.py
 
-from common import MetricsLog, load_jsonl  # noqa: E402
+from common import MetricsLog, add_twinkle_connection_flags, connect_twinkle, load_jsonl  # noqa: E402
 
 QUESTION = "Who are you?"
 
 
-def connect(args):
-    """Pick where the API runs; the training code below is the same in every mode."""
-    if args.base_url:
-        import twinkle_client
-
-        twinkle_client.init_twinkle_client(base_url=args.base_url, api_key=args.api_key)
-        return twinkle_client
-    import twinkle
-
-    if args.ray_address:
-        twinkle.init("ray", address=args.ray_address, api_key=args.api_key)
-    else:
-        twinkle.init("local")
-    return twinkle
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-url", help="Twinkle server URL (HTTP mode)")
-    parser.add_argument("--api-key", help="API key for --base-url (else $TWINKLE_API_KEY)")
-    parser.add_argument("--ray-address", help="Ray address of a running Twinkle server (Ray client mode)")
+    add_twinkle_connection_flags(parser)
     parser.add_argument("--base-model", default="twinkle-tiny")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--learning-rate", type=float, default=5e-3)
@@ -50,7 +33,7 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/twinkle_self_cognition", help="metrics JSONL and loss plot")
     args = parser.parse_args()
 
-    api = connect(args)
+    api = connect_twinkle(args)
     from twinkle.chat import build_prompt, decode, supervised_datum
 
     model = api.TrainingModel(args.base_model, api.LoraConfig(rank=args.rank, seed=args.seed),

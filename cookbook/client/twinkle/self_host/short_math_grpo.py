@@ -42,7 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # cookbook/common.py
 
-from common import MetricsLog  # noqa: E402
+from common import MetricsLog, add_twinkle_connection_flags, connect_twinkle  # noqa: E402
 
 
 def make_problems(max_operand: int) -> list[tuple[str, str]]:
@@ -54,27 +54,10 @@ def reward(answer_text: str, expected: str) -> float:
     return 1.0 if answer_text.strip() == expected else 0.0
 
 
-def connect(args):
-    """Pick where the API runs; the training code below is the same in every mode."""
-    if args.base_url:
-        import twinkle_client
-
-        twinkle_client.init_twinkle_client(base_url=args.base_url, api_key=args.api_key)
-        return twinkle_client
-    import twinkle
-
-    if args.ray_address:
-        twinkle.init("ray", address=args.ray_address, api_key=args.api_key)
-    else:
-        twinkle.init("local")
-    return twinkle
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-url", help="Twinkle server URL (HTTP mode)")
-    parser.add_argument("--api-key", help="API key for --base-url (else $TWINKLE_API_KEY)")
-    parser.add_argument("--ray-address", help="Ray address of a running Twinkle server (Ray client mode)")
+    add_twinkle_connection_flags(parser)
     parser.add_argument("--base-model", default="twinkle-tiny")
     parser.add_argument("--steps", type=int, default=30, help="RL steps")
     parser.add_argument("--warmup-steps", type=int, default=50, help="supervised warm-up steps")
@@ -93,7 +76,7 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/twinkle_short_math_grpo", help="metrics JSONL and reward plot")
     args = parser.parse_args()
 
-    api = connect(args)
+    api = connect_twinkle(args)
     from twinkle.chat import build_prompt, decode, supervised_datum
 
     model = api.TrainingModel(args.base_model, api.LoraConfig(rank=args.rank, seed=args.seed),
