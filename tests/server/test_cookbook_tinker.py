@@ -45,6 +45,21 @@ def lora_run(server, tmp_path_factory):
     return out, re.findall(r"^checkpoint: (tinker://\S+)$", out, re.M)
 
 
+def test_self_cognition_teaches_the_identity(server, tmp_path):
+    """What `make demo` runs: the answer names Twinkle after training and not before."""
+    out = run_recipe(server, "self_cognition.py", "--out", str(tmp_path))
+    before = re.search(r"^before training: (.*)$", out, re.M)
+    after = re.search(r"^after training: (.*)$", out, re.M)
+    assert before and after, out
+    assert "I am Twinkle" not in before[1] and "I am Twinkle" in after[1], out
+    losses = step_values(out, "loss")
+    first, last = final(out, "loss")
+    assert sorted(losses) == list(range(1, 41)) and first == pytest.approx(losses[1], abs=1e-4)
+    assert last < first / 10, out
+    assert re.search(r"^checkpoint: tinker://\S+/weights/self-cognition-final$", out, re.M), out
+    assert (tmp_path / "metrics.jsonl").exists()
+
+
 def test_lora_loss_falls_and_checkpoints_are_listed(lora_run):
     out, checkpoints = lora_run
     losses = step_values(out, "loss")

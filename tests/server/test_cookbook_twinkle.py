@@ -100,3 +100,4 @@ def test_self_cognition_in_local_mode(tmp_path):
     assert len(losses) == 25 and losses[-1] < losses[0] / 4
     (answer,) = [line for line in lines if line.startswith("after training:")]
     assert "I am Twinkle" in answer
+    assert f"final: loss {losses[0]:.4f} -> {losses[-1]:.4f}" in lines

@@ -20,7 +20,6 @@ from common import MetricsLog, add_tinker_connection_flags, load_jsonl, ready, t
 QUESTION = "Who are you?"
 
 
-
 def build_datum(tokenizer, messages: list[dict]) -> types.Datum:
     """Next-token datum over the conversation; weight 1 only on the assistant's reply."""
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True,
@@ -77,9 +76,11 @@ def main() -> None:
     checkpoint = training.save_state("self-cognition-final").result().path
     plot = log.plot(title="self-cognition SFT through the Tinker SDK (per-token loss)")
     print(f"after training: {after!r}")
-    print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {args.steps} steps; checkpoint {checkpoint}"
-          + (f"; plot: {plot}" if plot else ""))
+    print(f"checkpoint: {checkpoint}")
+    if plot:
+        print(f"plot: {plot}")
     print("identity learned" if "I am Twinkle" in after else "identity NOT learned yet (train longer)")
+    print(f"final: loss {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
     service.close("success") if hasattr(service, "close") else None
 
 

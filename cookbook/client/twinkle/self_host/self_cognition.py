@@ -21,7 +21,6 @@ from common import MetricsLog, add_twinkle_connection_flags, connect_twinkle, lo
 QUESTION = "Who are you?"
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_twinkle_connection_flags(parser)
@@ -62,9 +61,10 @@ def main() -> None:
     after = answer()
     plot = log.plot(title="self-cognition SFT (per-token loss)")
     print(f"after training: {after!r}")
-    print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {args.steps} steps"
-          + (f"; plot: {plot}" if plot else ""))
+    if plot:
+        print(f"plot: {plot}")
     print("identity learned" if "I am Twinkle" in after else "identity NOT learned yet (train longer)")
+    print(f"final: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
 
 
 if __name__ == "__main__":
