@@ -86,8 +86,12 @@ def prompt_logprobs(model, prompt: list[int], topk: int = 0):
 @torch.no_grad()
 def sample(model, prompt: list[int], params: SamplingParams, num_samples: int, *, eos_token_ids: list[int],
            decode, max_context: int, default_max_tokens: int = 1024, include_prompt_logprobs: bool = False,
-           topk_prompt_logprobs: int = 0) -> SampleResult:
-    """Sample `num_samples` continuations of `prompt` from `model` (already set to the right adapter)."""
+           topk_prompt_logprobs: int = 0, topk_sample_logprobs: int = 0) -> SampleResult:
+    """Sample `num_samples` continuations of `prompt` from `model` (already set to the right adapter).
+
+    Logprobs (sampled and top-k) are the model's own distribution, before temperature or top-k/top-p
+    filtering: the numbers a trainer's `forward` gives for the same tokens.
+    """
     cache, last_logits, p_logprobs, p_topk = prompt_logprobs(model, prompt, topk_prompt_logprobs)
     kwarg = _cache_kwarg(model)
     max_tokens = params.max_tokens or default_max_tokens
@@ -99,6 +103,7 @@ def sample(model, prompt: list[int], params: SamplingParams, num_samples: int, *
 
     tokens: list[list[int]] = [[] for _ in range(num_samples)]
     logprobs: list[list[float]] = [[] for _ in range(num_samples)]
+    topk: list[list[list[tuple[int, float]]]] = [[] for _ in range(num_samples)]
     reasons: list[str] = ["length"] * num_samples
     active = list(range(num_samples))
     if num_samples > 1:
@@ -113,11 +118,14 @@ def sample(model, prompt: list[int], params: SamplingParams, num_samples: int, *
             probs = torch.softmax(_filter_logits(next_logits, params), dim=-1)
             chosen = torch.multinomial(probs, 1, generator=generator)[:, 0]
         chosen_lp = (next_logits.gather(-1, chosen[:, None]) - lse)[:, 0]
+        step_topk = _topk_lists(next_logits - lse, topk_sample_logprobs) if topk_sample_logprobs else None
         keep = []
         for row, (token, lp) in enumerate(zip(chosen.tolist(), chosen_lp.tolist())):
             seq = active[row]
             tokens[seq].append(token)
             logprobs[seq].append(lp)
+            if step_topk is not None:
+                topk[seq].append(step_topk[row])
             finished = token in stop.token_ids
             if not finished and stop.strings:
                 tail = decode(tokens[seq][-(longest_stop + 8):])
@@ -135,7 +143,9 @@ def sample(model, prompt: list[int], params: SamplingParams, num_samples: int, *
         logits, cache = _decode_step(model, chosen[:, None], cache, kwarg)
         next_logits = logits[:, -1].float()
 
-    sequences = [SampledSequence(tokens=t, logprobs=lp, stop_reason=r) for t, lp, r in zip(tokens, logprobs, reasons)]
+    sequences = [SampledSequence(tokens=t, logprobs=lp, stop_reason=r,
+                                 topk_logprobs=k if topk_sample_logprobs else None)
+                 for t, lp, r, k in zip(tokens, logprobs, reasons, topk)]
     return SampleResult(
         sequences=sequences,
         prompt_logprobs=p_logprobs if include_prompt_logprobs else None,

@@ -58,13 +58,23 @@ def resolve_loss_config(spec: LossSpec, config: dict | None) -> dict[str, float 
     return spec.resolve_config(config)
 
 
+# Losses the Tinker API names that Twinkle does not compute, with what to use instead: a clear
+# refusal, never a silent substitute.
+UNSUPPORTED_LOSS_HINTS = {
+    "stable_reinforce": ("Tinker's StableReinforce is an alpha loss whose math is unpublished, so Twinkle does "
+                         "not imitate it; use importance_sampling, ppo or cispo instead (in tinker-cookbook set "
+                         "loss_fn=importance_sampling); "),
+}
+
+
 def lookup_loss(name: str, *, allow_custom: bool = False) -> LossSpec | None:
     """The spec of a named loss; None for a custom (client-supplied) loss."""
     if allow_custom and name == CUSTOM_LOSS:
         return None
     spec = LOSS_SPECS.get(name)
     if spec is None:
-        raise InvalidInputError(f"unknown loss {name!r}; choose one of {loss_names()}", field="loss_fn")
+        hint = UNSUPPORTED_LOSS_HINTS.get(name, "")
+        raise InvalidInputError(f"unknown loss {name!r}; {hint}choose one of {loss_names()}", field="loss_fn")
     return spec
 
 
@@ -133,12 +143,14 @@ def validate_batch(data: Sequence[Datum], loss: str, loss_config: dict | None, v
 
 
 def validate_sampling(prompt_tokens: np.ndarray, params: SamplingParams, num_samples: int, vocab_size: int,
-                      max_context: int, *, topk_prompt_logprobs: int = 0, max_samples: int = 128) -> None:
+                      max_context: int, *, topk_prompt_logprobs: int = 0, topk_sample_logprobs: int = 0,
+                      max_samples: int = 128) -> None:
     check_tokens(prompt_tokens, vocab_size, "prompt")
     if num_samples < 1 or num_samples > max_samples:
         raise InvalidInputError(f"must be between 1 and {max_samples}, got {num_samples}", field="num_samples")
-    if topk_prompt_logprobs < 0 or topk_prompt_logprobs > 100:
-        raise InvalidInputError("must be between 0 and 100", field="topk_prompt_logprobs")
+    for field, k in (("topk_prompt_logprobs", topk_prompt_logprobs), ("topk_sample_logprobs", topk_sample_logprobs)):
+        if k < 0 or k > 100:
+            raise InvalidInputError(f"must be between 0 and 100, got {k}", field=field)
     if len(prompt_tokens) >= max_context:
         raise InvalidInputError(f"prompt has {len(prompt_tokens)} tokens; this model's context is {max_context}",
                                 field="prompt")

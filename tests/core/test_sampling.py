@@ -240,6 +240,23 @@ def test_topk_prompt_logprobs(engine, prompt):
         np.testing.assert_allclose(values, dist[position][tokens], rtol=0, atol=1e-4)
 
 
+def test_topk_sample_logprobs(engine, prompt):
+    k = 4
+    result = engine.sample(ADAPTER, prompt, SamplingParams(max_tokens=5, temperature=0.7, seed=3), num_samples=2,
+                           topk_sample_logprobs=k)
+    for seq in result.sequences:
+        assert len(seq.topk_logprobs) == len(seq.tokens)
+        # position i of the sampled tokens is predicted from prompt + tokens[:i]
+        dist = _full_logprobs(engine, ADAPTER, prompt + seq.tokens[:-1])[len(prompt) - 1:]
+        for position, entries in enumerate(seq.topk_logprobs):
+            tokens = [t for t, _ in entries]
+            values = [v for _, v in entries]
+            np.testing.assert_allclose(values, np.sort(dist[position])[::-1][:k], rtol=0, atol=1e-4)
+            np.testing.assert_allclose(values, dist[position][tokens], rtol=0, atol=1e-4)
+    plain = engine.sample(ADAPTER, prompt, SamplingParams(max_tokens=2, seed=3))
+    assert plain.sequences[0].topk_logprobs is None
+
+
 def test_sampler_compute_logprobs_local_mode(state_dir):
     from twinkle import Sampler, TrainingModel
     from twinkle.api.local import LocalBackend

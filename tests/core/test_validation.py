@@ -381,3 +381,11 @@ def test_adapter_trains_normally_after_rejected_requests(make_engine):
     for name, w in fresh.adapter_weights(ADAPTER).items():
         np.testing.assert_allclose(seen_bad.adapter_weights(ADAPTER)[name], w, rtol=1e-6, atol=1e-8, err_msg=name)
     assert seen_bad.train_state(ADAPTER) == fresh.train_state(ADAPTER)
+
+
+def test_a_tinker_loss_twinkle_does_not_compute_is_refused_with_an_alternative():
+    from twinkle.validation import lookup_loss
+
+    with pytest.raises(InvalidInputError) as err:
+        lookup_loss("stable_reinforce")
+    assert err.value.field == "loss_fn" and "importance_sampling" in str(err.value)

@@ -200,6 +200,24 @@ def test_compute_logprobs_and_sample_logprobs_match_forward(memorised):
         np.testing.assert_allclose(lps, fwd[-len(lps):], atol=1e-4, rtol=0)
 
 
+def test_topk_sample_logprobs_rank_the_model_distribution(memorised):
+    client, sampler, prompt, _ = memorised
+    greedy = types.SamplingParams(max_tokens=6, temperature=0.0)
+    out = sampler.sample(types.ModelInput.from_ints(prompt), num_samples=2, sampling_params=greedy,
+                         topk_sample_logprobs=4).result()
+    for sequence in out.sequences:
+        topk = sequence.topk_logprobs
+        assert topk is not None and len(topk) == len(sequence.tokens)
+        for token, logprob, row in zip(sequence.tokens, sequence.logprobs, topk):
+            assert len(row) == 4 and [lp for _, lp in row] == sorted((lp for _, lp in row), reverse=True)
+            assert row[0][0] == token and row[0][1] == pytest.approx(logprob, abs=1e-5)  # greedy = top-1
+    # and they are the trainer's numbers: the top-k of the first sampled position from forward
+    first = out.sequences[0]
+    fwd = logprobs_of(client.forward([sft_datum(prompt + [tok]) for tok, _ in first.topk_logprobs[0]],
+                                     "cross_entropy").result())
+    np.testing.assert_allclose([lps[-1] for lps in fwd], [lp for _, lp in first.topk_logprobs[0]], atol=1e-4)
+
+
 @pytest.fixture
 def rl_setup(service):
     """A client, a few sequences, and the client's current (on-policy) logprobs of them."""

@@ -98,6 +98,7 @@ class SampleArgs(_Model):
     num_samples: int = Field(1, ge=1)
     include_prompt_logprobs: bool = False
     topk_prompt_logprobs: int = Field(0, ge=0)
+    topk_sample_logprobs: int = Field(0, ge=0)
 
 
 class SaveSamplerArgs(_Model):

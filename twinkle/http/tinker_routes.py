@@ -552,16 +552,15 @@ async def asample(request: Request) -> dict:
     if body.target_prompt_logprobs is not None or body.prompt_alt_tokens_k:
         raise UnprocessableError("target_prompt_logprobs and prompt_alt_tokens are not supported yet",
                                  field="target_prompt_logprobs")
-    if body.topk_sample_logprobs:
-        raise UnprocessableError("topk_sample_logprobs is not supported yet", field="topk_sample_logprobs")
     info = ctx.info(base_model)
     prompt = codec.tokens_from_json_chunks(body.prompt, "prompt")
     params = _sampling_params(body.sampling_params)
     validate_sampling(prompt, params, body.num_samples, info["vocab_size"], info["max_context"],
-                      topk_prompt_logprobs=body.topk_prompt_logprobs,
+                      topk_prompt_logprobs=body.topk_prompt_logprobs, topk_sample_logprobs=body.topk_sample_logprobs,
                       max_samples=ctx.config.limits.max_samples_per_request)
     args = SampleArgs(prompt_tokens=prompt, params=params, num_samples=body.num_samples,
-                      include_prompt_logprobs=body.prompt_logprobs, topk_prompt_logprobs=body.topk_prompt_logprobs)
+                      include_prompt_logprobs=body.prompt_logprobs, topk_prompt_logprobs=body.topk_prompt_logprobs,
+                      topk_sample_logprobs=body.topk_sample_logprobs)
     request_id = await ctx.submit(tenant, base_model, "sample", sampler_id, args, seq_id=body.seq_id,
                                   extra={"type": "Sample", "last_n": body.prompt_logprobs_last_n})
     return _future_reply(request_id, sample_sequence_ids=[f"{request_id}-{i}" for i in range(body.num_samples)])
