@@ -293,18 +293,21 @@ class Engine:
 
     def sample(self, adapter_id: str | None, prompt_tokens: Sequence[int], params: SamplingParams | None = None,
                num_samples: int = 1, include_prompt_logprobs: bool = False,
-               topk_prompt_logprobs: int = 0, topk_sample_logprobs: int = 0) -> SampleResult:
+               topk_prompt_logprobs: int = 0, topk_sample_logprobs: int = 0,
+               target_prompt_logprobs: np.ndarray | None = None, prompt_alt_tokens_k: int = 0) -> SampleResult:
         params = params or SamplingParams()
         prompt = np.asarray(prompt_tokens, dtype=np.int64)
         validate_sampling(prompt, params, num_samples, self.vocab_size, self.max_context,
-                          topk_prompt_logprobs=topk_prompt_logprobs, topk_sample_logprobs=topk_sample_logprobs)
+                          topk_prompt_logprobs=topk_prompt_logprobs, topk_sample_logprobs=topk_sample_logprobs,
+                          target_prompt_logprobs=target_prompt_logprobs, prompt_alt_tokens_k=prompt_alt_tokens_k)
         with self._activate(adapter_id):
             return sample_tokens(
                 self._network, prompt.tolist(), params, num_samples, eos_token_ids=self.eos_token_ids,
                 decode=lambda toks: self.tokenizer.decode(toks, skip_special_tokens=False),
                 max_context=self.max_context, default_max_tokens=self.config.default_max_tokens,
                 include_prompt_logprobs=include_prompt_logprobs, topk_prompt_logprobs=topk_prompt_logprobs,
-                topk_sample_logprobs=topk_sample_logprobs,
+                topk_sample_logprobs=topk_sample_logprobs, target_prompt_logprobs=target_prompt_logprobs,
+                prompt_alt_tokens_k=prompt_alt_tokens_k,
             )
 
     def train_state(self, adapter_id: str) -> TrainState:

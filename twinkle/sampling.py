@@ -12,6 +12,7 @@ import inspect
 import secrets
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from twinkle.types import SampledSequence, SampleResult, SamplingParams
@@ -66,40 +67,73 @@ def _decode_step(model, ids: torch.Tensor, cache, kwarg: str):
     return out.logits, new_cache
 
 
+@dataclass
+class PromptScores:
+    """What the prefill reports about the prompt; row i of the 2-D fields is prompt position i + 1."""
+
+    logprobs: list[float | None]
+    topk: list[list[tuple[int, float]] | None]
+    targets: list[list[float]] | None = None
+    alt_tokens: list[list[int]] | None = None
+    alt_logprobs: list[list[float]] | None = None
+
+
 @torch.no_grad()
-def prompt_logprobs(model, prompt: list[int], topk: int = 0):
-    """Prefill the prompt; return (cache, last-position logits, prompt logprobs, top-k lists)."""
+def prompt_logprobs(model, prompt: list[int], topk: int = 0, *, targets: np.ndarray | None = None,
+                    alt_k: int = 0, temperature: float = 1.0, generator: torch.Generator | None = None):
+    """Prefill the prompt; return (cache, last-position logits, PromptScores).
+
+    `targets` ([len(prompt) - 1, K] token ids, -1 for none) are scored at their positions (0.0 where
+    -1); `alt_k` tokens are drawn at every position after the first, at `temperature`, with their
+    logprobs under the model.
+    """
     ids = torch.tensor([prompt], dtype=torch.long)
     logits, cache = _decode_step(model, ids, None, _cache_kwarg(model))
     logits = logits[0].float()
-    logprobs: list[float | None] = [None]
-    topk_lists: list[list[tuple[int, float]] | None] = [None]
+    scores = PromptScores(logprobs=[None], topk=[None])
     if len(prompt) > 1:
-        lse = torch.logsumexp(logits[:-1], dim=-1)
-        targets = ids[0, 1:]
-        logprobs += (logits[:-1].gather(-1, targets[:, None])[:, 0] - lse).tolist()
+        log_dist = logits[:-1] - torch.logsumexp(logits[:-1], dim=-1, keepdim=True)
+        scores.logprobs += log_dist.gather(-1, ids[0, 1:, None])[:, 0].tolist()
         if topk:
-            topk_lists += _topk_lists(logits[:-1] - lse[:, None], topk)
-    return cache, logits[-1], logprobs, topk_lists
+            scores.topk += _topk_lists(log_dist, topk)
+        if targets is not None:
+            wanted = torch.as_tensor(np.asarray(targets, dtype=np.int64))
+            values = log_dist.gather(-1, wanted.clamp(min=0))
+            scores.targets = values.masked_fill(wanted < 0, 0.0).tolist()
+        if alt_k:
+            probs = torch.softmax(log_dist / temperature, dim=-1) if temperature > 0 else \
+                torch.nn.functional.one_hot(log_dist.argmax(-1), log_dist.shape[-1]).float()
+            drawn = torch.multinomial(probs, alt_k, replacement=True, generator=generator)
+            scores.alt_tokens = drawn.tolist()
+            scores.alt_logprobs = log_dist.gather(-1, drawn).tolist()
+    elif targets is not None or alt_k:
+        scores.targets = [] if targets is not None else None
+        scores.alt_tokens, scores.alt_logprobs = ([], []) if alt_k else (None, None)
+    return cache, logits[-1], scores
 
 
 @torch.no_grad()
 def sample(model, prompt: list[int], params: SamplingParams, num_samples: int, *, eos_token_ids: list[int],
            decode, max_context: int, default_max_tokens: int = 1024, include_prompt_logprobs: bool = False,
-           topk_prompt_logprobs: int = 0, topk_sample_logprobs: int = 0) -> SampleResult:
+           topk_prompt_logprobs: int = 0, topk_sample_logprobs: int = 0,
+           target_prompt_logprobs: np.ndarray | None = None, prompt_alt_tokens_k: int = 0) -> SampleResult:
     """Sample `num_samples` continuations of `prompt` from `model` (already set to the right adapter).
 
     Logprobs (sampled and top-k) are the model's own distribution, before temperature or top-k/top-p
     filtering: the numbers a trainer's `forward` gives for the same tokens.
     """
-    cache, last_logits, p_logprobs, p_topk = prompt_logprobs(model, prompt, topk_prompt_logprobs)
+    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    generator = torch.Generator().manual_seed(int(seed))
+    # the prompt's alternative draws use their own stream: asking for them leaves the samples unchanged
+    alt_generator = torch.Generator().manual_seed((int(seed) + 1) % 2**63)
+    cache, last_logits, scores = prompt_logprobs(model, prompt, topk_prompt_logprobs, targets=target_prompt_logprobs,
+                                                 alt_k=prompt_alt_tokens_k, temperature=params.temperature,
+                                                 generator=alt_generator)
     kwarg = _cache_kwarg(model)
     max_tokens = params.max_tokens or default_max_tokens
     max_tokens = max(0, min(max_tokens, max_context - len(prompt)))
     stop = StopCriteria.from_params(params.stop, eos_token_ids)
     longest_stop = max((len(s) for s in stop.strings), default=0)
-    seed = params.seed if params.seed is not None else secrets.randbits(63)
-    generator = torch.Generator().manual_seed(int(seed))
 
     tokens: list[list[int]] = [[] for _ in range(num_samples)]
     logprobs: list[list[float]] = [[] for _ in range(num_samples)]
@@ -148,6 +182,9 @@ def sample(model, prompt: list[int], params: SamplingParams, num_samples: int, *
                  for t, lp, r, k in zip(tokens, logprobs, reasons, topk)]
     return SampleResult(
         sequences=sequences,
-        prompt_logprobs=p_logprobs if include_prompt_logprobs else None,
-        topk_prompt_logprobs=p_topk if topk_prompt_logprobs else None,
+        prompt_logprobs=scores.logprobs if include_prompt_logprobs else None,
+        topk_prompt_logprobs=scores.topk if topk_prompt_logprobs else None,
+        target_prompt_logprobs=scores.targets,
+        prompt_alt_tokens=scores.alt_tokens,
+        prompt_alt_logprobs=scores.alt_logprobs,
     )

@@ -163,6 +163,10 @@ class SampleResult(_Model):
     sequences: list[SampledSequence]
     prompt_logprobs: list[float | None] | None = None
     topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+    # Row i scores prompt position i + 1 (requested with target_prompt_logprobs / prompt_alt_tokens_k).
+    target_prompt_logprobs: list[list[float]] | None = None
+    prompt_alt_tokens: list[list[int]] | None = None
+    prompt_alt_logprobs: list[list[float]] | None = None
 
 
 class CheckpointInfo(_Model):

@@ -142,10 +142,28 @@ def validate_batch(data: Sequence[Datum], loss: str, loss_config: dict | None, v
     return config
 
 
+def _check_prompt_targets(targets: np.ndarray, prompt_len: int, vocab_size: int) -> None:
+    field = "target_prompt_logprobs"
+    if targets.ndim != 2 or targets.shape[0] != prompt_len - 1:
+        raise InvalidInputError(f"must have shape [len(prompt) - 1, K] = [{prompt_len - 1}, K], got "
+                                f"{list(targets.shape)}", field=field)
+    if targets.dtype.kind == "f" and not np.all(np.isfinite(targets) & (targets == np.round(targets))):
+        raise InvalidInputError("must hold integer token ids (-1 for none)", field=field)
+    if targets.size and (targets.min() < -1 or targets.max() >= vocab_size):
+        raise InvalidInputError(f"token ids must be in [0, {vocab_size}) or -1 for none", field=field)
+    if targets.shape[1] > 1000:
+        raise InvalidInputError(f"at most 1000 targets per position, got {targets.shape[1]}", field=field)
+
+
 def validate_sampling(prompt_tokens: np.ndarray, params: SamplingParams, num_samples: int, vocab_size: int,
                       max_context: int, *, topk_prompt_logprobs: int = 0, topk_sample_logprobs: int = 0,
+                      target_prompt_logprobs: np.ndarray | None = None, prompt_alt_tokens_k: int = 0,
                       max_samples: int = 128) -> None:
     check_tokens(prompt_tokens, vocab_size, "prompt")
+    if target_prompt_logprobs is not None:
+        _check_prompt_targets(np.asarray(target_prompt_logprobs), len(prompt_tokens), vocab_size)
+    if prompt_alt_tokens_k < 0 or prompt_alt_tokens_k > 100:
+        raise InvalidInputError(f"must be between 0 and 100, got {prompt_alt_tokens_k}", field="prompt_alt_tokens_k")
     if num_samples < 1 or num_samples > max_samples:
         raise InvalidInputError(f"must be between 1 and {max_samples}, got {num_samples}", field="num_samples")
     for field, k in (("topk_prompt_logprobs", topk_prompt_logprobs), ("topk_sample_logprobs", topk_sample_logprobs)):

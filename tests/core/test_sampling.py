@@ -281,6 +281,14 @@ def test_sampler_compute_logprobs_local_mode(state_dir):
         base_lp = base.compute_logprobs(tokens).result()
         assert base_lp[0] is None
         assert np.abs(np.asarray(base_lp[1:]) - expected).max() > 1e-2  # the base model differs
+
+        # the same numbers through the prompt-scoring options of sample()
+        targets = [[t, -1] for t in tokens[1:]]
+        scored = trained.sample(tokens, SamplingParams(max_tokens=1, temperature=0.0),
+                                target_prompt_logprobs=targets, prompt_alt_tokens_k=2).result()
+        np.testing.assert_allclose([row[0] for row in scored.target_prompt_logprobs], expected, rtol=0, atol=1e-4)
+        assert all(row[1] == 0.0 for row in scored.target_prompt_logprobs)
+        assert len(scored.prompt_alt_tokens) == len(tokens) - 1 and all(len(r) == 2 for r in scored.prompt_alt_tokens)
     finally:
         backend.close()
 

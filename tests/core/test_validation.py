@@ -335,6 +335,21 @@ BAD_SAMPLING = [
     Bad("stop-token-out-of-vocab",
         lambda e: e.sample(ADAPTER, [1, 2, 3], SamplingParams(max_tokens=2, stop=[e.vocab_size])),
         "sampling_params.stop"),
+    Bad("topk-sample-too-large",
+        lambda e: e.sample(ADAPTER, [1, 2, 3], SamplingParams(max_tokens=2), topk_sample_logprobs=101),
+        "topk_sample_logprobs"),
+    Bad("prompt-targets-wrong-rows",
+        lambda e: e.sample(ADAPTER, [1, 2, 3], SamplingParams(max_tokens=1), target_prompt_logprobs=np.ones((3, 2))),
+        "target_prompt_logprobs"),
+    Bad("prompt-targets-out-of-vocab",
+        lambda e: e.sample(ADAPTER, [1, 2, 3], SamplingParams(max_tokens=1),
+                           target_prompt_logprobs=np.full((2, 1), e.vocab_size)), "target_prompt_logprobs"),
+    Bad("prompt-targets-below-minus-one",
+        lambda e: e.sample(ADAPTER, [1, 2, 3], SamplingParams(max_tokens=1),
+                           target_prompt_logprobs=np.full((2, 1), -2)), "target_prompt_logprobs"),
+    Bad("prompt-alt-tokens-too-many",
+        lambda e: e.sample(ADAPTER, [1, 2, 3], SamplingParams(max_tokens=1), prompt_alt_tokens_k=101),
+        "prompt_alt_tokens_k"),
 ]
 
 

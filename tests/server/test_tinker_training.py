@@ -218,6 +218,37 @@ def test_topk_sample_logprobs_rank_the_model_distribution(memorised):
     np.testing.assert_allclose([lps[-1] for lps in fwd], [lp for _, lp in first.topk_logprobs[0]], atol=1e-4)
 
 
+def test_target_prompt_logprobs_and_alternative_tokens(memorised):
+    _, sampler, prompt, answer = memorised
+    seq = prompt + answer
+    n = len(seq) - 1
+    exact = np.asarray(sampler.compute_logprobs(types.ModelInput.from_ints(seq)).result()[1:], dtype=np.float64)
+    targets = np.full((n, 2), -1, dtype=np.int64)
+    targets[:, 0] = seq[1:]  # the actual next token: its logprob is compute_logprobs'
+    targets[::2, 1] = 7  # another token at every second position
+    greedy = types.SamplingParams(max_tokens=1, temperature=0.0)
+    out = sampler.sample(types.ModelInput.from_ints(seq), num_samples=1, sampling_params=greedy,
+                         topk_prompt_logprobs=1, target_prompt_logprobs=types.TensorData.from_numpy(targets),
+                         prompt_alt_tokens_k=3).result()
+    scored = out.target_prompt_logprobs.to_numpy().reshape(n, 2)
+    np.testing.assert_allclose(scored[:, 0], exact, atol=1e-4)
+    assert np.all(scored[1::2, 1] == 0.0) and np.all(scored[::2, 1] < 0)
+    # greedy alternatives are the most likely token at every position, with its logprob
+    alt_tokens = out.prompt_alt_tokens.tokens.to_numpy().reshape(n, 3)
+    alt_logprobs = out.prompt_alt_tokens.logprobs.to_numpy().reshape(n, 3)
+    top1 = out.topk_prompt_logprobs[1:]
+    assert alt_tokens.tolist() == [[row[0][0]] * 3 for row in top1]
+    np.testing.assert_allclose(alt_logprobs[:, 0], [row[0][1] for row in top1], atol=1e-5)
+    # a sparse request: only the listed cells are scored
+    sparse = types.TensorData(data=[seq[1], seq[2]], dtype="int64", shape=[n, 2],
+                              sparse_crow_indices=[0, 1, 2] + [2] * (n - 2), sparse_col_indices=[0, 1])
+    out = sampler.sample(types.ModelInput.from_ints(seq), num_samples=1, sampling_params=greedy,
+                         target_prompt_logprobs=sparse).result()
+    scored = out.target_prompt_logprobs.to_numpy().reshape(n, 2)
+    np.testing.assert_allclose([scored[0, 0], scored[1, 1]], exact[:2], atol=1e-4)
+    assert np.count_nonzero(scored) == 2
+
+
 @pytest.fixture
 def rl_setup(service):
     """A client, a few sequences, and the client's current (on-policy) logprobs of them."""

@@ -87,10 +87,8 @@ class RayEngine:
     def optim_step(self, adapter_id, adam=None):
         return self._ray.get(self.group.call_all("optim_step", adapter_id, adam))[0]
 
-    def sample(self, adapter_id, prompt_tokens, params=None, num_samples=1, include_prompt_logprobs=False,
-               topk_prompt_logprobs=0, topk_sample_logprobs=0):
-        return self._first("sample", adapter_id, prompt_tokens, params, num_samples, include_prompt_logprobs,
-                           topk_prompt_logprobs, topk_sample_logprobs)
+    def sample(self, adapter_id, prompt_tokens, params=None, num_samples=1, **scoring):
+        return self._first("sample", adapter_id, prompt_tokens, params, num_samples, **scoring)
 
     def save(self, adapter_id, path, **kwargs):
         return self._first("save", adapter_id, path, **kwargs)

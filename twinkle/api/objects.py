@@ -151,10 +151,12 @@ class Sampler:
 
     def sample(self, prompt_tokens: Sequence[int], params: SamplingParams | None = None, num_samples: int = 1,
                include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
-               topk_sample_logprobs: int = 0) -> Future[SampleResult]:
+               topk_sample_logprobs: int = 0, target_prompt_logprobs: Sequence[Sequence[int]] | None = None,
+               prompt_alt_tokens_k: int = 0) -> Future[SampleResult]:
         args = _args(SampleArgs, prompt_tokens=list(prompt_tokens), params=params or SamplingParams(),
                      num_samples=num_samples, include_prompt_logprobs=include_prompt_logprobs,
-                     topk_prompt_logprobs=topk_prompt_logprobs, topk_sample_logprobs=topk_sample_logprobs)
+                     topk_prompt_logprobs=topk_prompt_logprobs, topk_sample_logprobs=topk_sample_logprobs,
+                     target_prompt_logprobs=target_prompt_logprobs, prompt_alt_tokens_k=prompt_alt_tokens_k)
         return self._backend.call("sample", self.sampler_id, args)
 
     def compute_logprobs(self, tokens: Sequence[int]) -> Future[list[float | None]]:

@@ -99,6 +99,16 @@ class SampleArgs(_Model):
     include_prompt_logprobs: bool = False
     topk_prompt_logprobs: int = Field(0, ge=0)
     topk_sample_logprobs: int = Field(0, ge=0)
+    target_prompt_logprobs: Array | None = None  # int [len(prompt) - 1, K]; -1 asks for nothing
+    prompt_alt_tokens_k: int = Field(0, ge=0)
+
+    def scoring(self) -> dict:
+        """The options besides prompt, params and num_samples, as keyword arguments of Engine.sample."""
+        return {"include_prompt_logprobs": self.include_prompt_logprobs,
+                "topk_prompt_logprobs": self.topk_prompt_logprobs,
+                "topk_sample_logprobs": self.topk_sample_logprobs,
+                "target_prompt_logprobs": self.target_prompt_logprobs,
+                "prompt_alt_tokens_k": self.prompt_alt_tokens_k}
 
 
 class SaveSamplerArgs(_Model):

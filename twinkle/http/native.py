@@ -118,6 +118,8 @@ class NativeAPI:
             validate_sampling(args.prompt_tokens, args.params, args.num_samples, info["vocab_size"],
                               info["max_context"], topk_prompt_logprobs=args.topk_prompt_logprobs,
                               topk_sample_logprobs=args.topk_sample_logprobs,
+                              target_prompt_logprobs=args.target_prompt_logprobs,
+                              prompt_alt_tokens_k=args.prompt_alt_tokens_k,
                               max_samples=ctx.config.limits.max_samples_per_request)
         elif method in ("forward", "forward_backward"):
             if args.custom_loss is not None and not ctx.config.trust_remote_code:

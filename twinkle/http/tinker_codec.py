@@ -56,12 +56,13 @@ def _widen(array: np.ndarray, code: int) -> np.ndarray:
     return array
 
 
-def _dense_from_csr(values: np.ndarray, crow: np.ndarray, col: np.ndarray, shape: list[int], field: str):
+def _dense_from_csr(values: np.ndarray, crow: np.ndarray, col: np.ndarray, shape: list[int], field: str,
+                    fill: int | float = 0):
     if len(shape) != 2 or len(crow) != shape[0] + 1 or len(col) != len(values):
         raise InvalidInputError(f"malformed sparse tensor (shape {shape})", field=field)
     if len(col) and (col.min() < 0 or col.max() >= shape[1]):
         raise InvalidInputError("sparse column index out of range", field=field)
-    out = np.zeros(shape, dtype=values.dtype)
+    out = np.full(shape, fill, dtype=values.dtype)
     for row in range(shape[0]):
         start, end = int(crow[row]), int(crow[row + 1])
         out[row, col[start:end]] = values[start:end]
@@ -127,8 +128,11 @@ def parse_forward_backward_proto(body: bytes, content_encoding: str | None = Non
             "loss_fn_config": config or None, "forward_only": bool(request.forward_only), "data": data}
 
 
-def tensor_from_json(obj: Any, field: str) -> np.ndarray:
-    """A JSON TensorData {data, dtype, shape, sparse_*}; plain lists are accepted too."""
+def tensor_from_json(obj: Any, field: str, *, sparse_fill: int | float = 0) -> np.ndarray:
+    """A JSON TensorData {data, dtype, shape, sparse_*}; plain lists are accepted too.
+
+    A sparse tensor's unlisted cells become `sparse_fill`.
+    """
     if isinstance(obj, list):
         return np.asarray(obj)
     if not isinstance(obj, dict) or "data" not in obj:
@@ -141,7 +145,8 @@ def tensor_from_json(obj: Any, field: str) -> np.ndarray:
         shape = obj.get("shape")
         if obj.get("sparse_crow_indices") is not None:
             return _dense_from_csr(values, np.asarray(obj["sparse_crow_indices"], np.int64),
-                                   np.asarray(obj["sparse_col_indices"], np.int64), list(shape or []), field)
+                                   np.asarray(obj["sparse_col_indices"], np.int64), list(shape or []), field,
+                                   fill=sparse_fill)
         return values.reshape(shape) if shape else values
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"malformed tensor: {exc}", field=field) from None
@@ -247,12 +252,16 @@ def _topk_proto(rows: list, k: int):
     return pb().TopkLogprobs(token_ids=ids.tobytes(), logprobs=lps.tobytes(), k=k, length=len(rows))
 
 
-def _masked_prompt_logprobs(result: dict, last_n: int | None) -> list | None:
-    values = result.get("prompt_logprobs")
+def _masked_rows(values: list | None, last_n: int | None) -> list | None:
+    """prompt_logprobs_last_n: only the last N prompt positions are scored, earlier ones are None."""
     if values is None or last_n is None:
         return values
     cut = max(0, len(values) - last_n)
     return [None] * cut + list(values[cut:])
+
+
+def _masked_prompt_logprobs(result: dict, last_n: int | None) -> list | None:
+    return _masked_rows(result.get("prompt_logprobs"), last_n)
 
 
 def sample_output_proto(result: dict, *, prompt_logprobs_last_n: int | None = None) -> bytes:
@@ -269,12 +278,26 @@ def sample_output_proto(result: dict, *, prompt_logprobs_last_n: int | None = No
     prompt = _masked_prompt_logprobs(result, prompt_logprobs_last_n)
     if prompt is not None:
         out.prompt_logprobs = np.asarray([math.nan if v is None else v for v in prompt], dtype=np.float32).tobytes()
-    topk = result.get("topk_prompt_logprobs")
+    topk = _masked_rows(result.get("topk_prompt_logprobs"), prompt_logprobs_last_n)
     if topk:
         k = max((len(row) for row in topk if row), default=0)
         if k:
             out.topk_prompt_logprobs.CopyFrom(_topk_proto(topk, k))
+    if result.get("target_prompt_logprobs") is not None:
+        out.target_prompt_logprobs.CopyFrom(_dense_tensor_proto(result["target_prompt_logprobs"], np.float32))
+    if result.get("prompt_alt_tokens") is not None:
+        out.prompt_alt_tokens.tokens.CopyFrom(_dense_tensor_proto(result["prompt_alt_tokens"], np.int64))
+        out.prompt_alt_tokens.logprobs.CopyFrom(_dense_tensor_proto(result["prompt_alt_logprobs"], np.float32))
     return out.SerializeToString()
+
+
+def _dense_tensor_proto(rows: list[list], dtype) -> Any:
+    """A [rows, k] table as a dense proto Tensor (k = 0 for no rows)."""
+    array = np.asarray(rows, dtype=dtype)
+    if array.ndim != 2:
+        array = array.reshape(len(rows), 0)
+    code = pb().DTYPE_INT64 if dtype == np.int64 else pb().DTYPE_FLOAT32
+    return pb().Tensor(dense=array.tobytes(), dtype=code, shape=list(array.shape))
 
 
 def sample_output_json(result: dict, *, prompt_logprobs_last_n: int | None = None) -> dict:

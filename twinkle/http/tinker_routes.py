@@ -549,18 +549,20 @@ async def asample(request: Request) -> dict:
     else:  # SDKs before sampling sessions name the model in the request
         sampler_id = f"adhoc:{uuid.uuid4().hex}"
         base_model = await _create_sampler(ctx, tenant, None, sampler_id, body.model_path, body.base_model)
-    if body.target_prompt_logprobs is not None or body.prompt_alt_tokens_k:
-        raise UnprocessableError("target_prompt_logprobs and prompt_alt_tokens are not supported yet",
-                                 field="target_prompt_logprobs")
     info = ctx.info(base_model)
+    targets = None
+    if body.target_prompt_logprobs is not None:  # a sparse request's unlisted cells ask for nothing
+        targets = codec.tensor_from_json(body.target_prompt_logprobs, "target_prompt_logprobs", sparse_fill=-1)
     prompt = codec.tokens_from_json_chunks(body.prompt, "prompt")
     params = _sampling_params(body.sampling_params)
     validate_sampling(prompt, params, body.num_samples, info["vocab_size"], info["max_context"],
                       topk_prompt_logprobs=body.topk_prompt_logprobs, topk_sample_logprobs=body.topk_sample_logprobs,
+                      target_prompt_logprobs=targets, prompt_alt_tokens_k=body.prompt_alt_tokens_k,
                       max_samples=ctx.config.limits.max_samples_per_request)
     args = SampleArgs(prompt_tokens=prompt, params=params, num_samples=body.num_samples,
                       include_prompt_logprobs=body.prompt_logprobs, topk_prompt_logprobs=body.topk_prompt_logprobs,
-                      topk_sample_logprobs=body.topk_sample_logprobs)
+                      topk_sample_logprobs=body.topk_sample_logprobs, target_prompt_logprobs=targets,
+                      prompt_alt_tokens_k=body.prompt_alt_tokens_k)
     request_id = await ctx.submit(tenant, base_model, "sample", sampler_id, args, seq_id=body.seq_id,
                                   extra={"type": "Sample", "last_n": body.prompt_logprobs_last_n})
     return _future_reply(request_id, sample_sequence_ids=[f"{request_id}-{i}" for i in range(body.num_samples)])
