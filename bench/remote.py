@@ -39,7 +39,7 @@ def sdk_loop(url: str, batch, steps: int = MEASURED_STEPS) -> dict:
     from tinker import types
 
     service = tinker.ServiceClient(base_url=url, api_key=BENCH_KEY)
-    client = service.create_lora_training_client(base_model=BENCH_MODEL, rank=LORA_RANK, seed=0)
+    client = service.create_lora_training_client(base_model=BENCH_MODEL, rank=LORA_RANK, seed=0).result()
     data = _tinker_batch(batch)
     adam = types.AdamParams(learning_rate=1e-4)
 

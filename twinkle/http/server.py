@@ -84,7 +84,10 @@ def start_server(config: ServerConfig, *, on_ray_started=None) -> RunningServer:
         infos = ray.get([handle.start.remote() for handle in schedulers.values()])
         for info in infos:
             log.info("model %s ready (%s, vocab %s)", info["name"], info.get("arch"), info.get("vocab_size"))
-        serve.start(http_options={"host": config.host, "port": config.port}, proxy_location="HeadOnly")
+        # The access log (one line per request, written and flushed by the proxy) costs CPU that the
+        # model workers need on small machines; it is off unless the config asks for it.
+        serve.start(http_options={"host": config.host, "port": config.port}, proxy_location="HeadOnly",
+                    logging_config={"enable_access_log": config.access_log})
         node_resource = f"node:{ray.util.get_node_ip_address()}"
         deployment = TwinkleIngress.options(
             num_replicas=config.ingress_replicas,
