@@ -442,3 +442,23 @@ def test_snapshot_sampling_clients_stay_usable(service):
         later.compute_logprobs(probe).result()  # loads each newer snapshot on the sampler
     assert later.compute_logprobs(probe).result() != before  # the model did change
     assert first.compute_logprobs(probe).result() == before
+
+
+def test_finishing_a_session_deletes_its_temporary_snapshots(server, tokenizer):
+    """Unnamed sampler snapshots (one per RL step) go with their session; named ones stay."""
+    svc = tinker.ServiceClient(base_url=server.url, api_key=server.keys["alice"])
+    client = new_training_client(svc, seed=3)
+    train_step(client, [sft_datum(tokenizer.encode(SENTENCES[0]))])
+    first = client.save_weights_and_get_sampling_client().result()
+    train_step(client, [sft_datum(tokenizer.encode(SENTENCES[1]))])
+    client.save_weights_and_get_sampling_client().result()
+    client.save_weights_for_sampler("kept-after-finish").result()
+    (named,) = list(server.state_dir.rglob("sampler_weights/kept-after-finish"))
+    snapshots = sorted(named.parent.glob("snapshot-step*"))
+    assert len(snapshots) == 2
+    params = types.SamplingParams(max_tokens=2, temperature=0.0)
+    assert first.sample(types.ModelInput.from_ints(tokenizer.encode("The")), 1, params).result().sequences
+
+    svc.close("success").result(timeout=30)
+    assert not any(path.exists() for path in snapshots)
+    assert (named / "adapter_model.safetensors").exists()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from twinkle import wire
+from twinkle.api.service import SNAPSHOT_PREFIX
 from twinkle.checkpoint import folder_size
 from twinkle.config import ModelConfig, TimeoutsConfig
 from twinkle.errors import TwinkleError
@@ -379,14 +380,32 @@ class ModelScheduler:
         if not self._service.resident_models and now - self._last_activity > self.timeouts.model_idle_release_s:
             self._release_engine()
 
-    async def offload(self, model_ids: list[str]) -> None:
-        """Offload these models now (their session ended); they come back on their next request."""
+    async def end_session(self, model_ids: list[str]) -> None:
+        """Their session ended: offload these models (they come back on their next request) and
+        delete their unnamed sampler snapshots, which only that session's sampling clients used."""
         def work():
             for model_id in model_ids:
                 if self._service is not None and self._service.engine is not None:
                     self._service.offload(model_id)
                     self.store.set_model_status(model_id, "offloaded")
+                self._delete_snapshots(model_id)
         await asyncio.get_running_loop().run_in_executor(self._pool, work)
+
+    def _delete_snapshots(self, model_id: str) -> None:
+        try:
+            folder = self._checkpoint_path(model_id, "sampler_weights", "x").parent
+        except TwinkleError:
+            return
+        tenant, _ = self._paths_of(model_id)
+        checkpoints, _ = self.store.list_checkpoints(tenant, model_id)
+        named = {c["checkpoint_id"].split("/", 1)[1] for c in checkpoints
+                 if c["checkpoint_id"].startswith("sampler_weights/")}
+        for path in set(self._ephemeral.pop(model_id, [])) | set(folder.glob(f"{SNAPSHOT_PREFIX}*")):
+            if path.name in named or not path.is_dir():
+                continue
+            if self._service is not None:
+                self._service.drop_sampler_weights(str(path))
+            shutil.rmtree(path, ignore_errors=True)
 
     async def stats(self) -> dict:
         return {

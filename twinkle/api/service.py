@@ -45,6 +45,8 @@ class EngineHandle(Protocol):
     def lora_config(self, adapter_id): ...
 
 
+SNAPSHOT_PREFIX = "snapshot-step"  # unnamed sampler snapshots: temporary, deleted with their session
+
 @dataclass
 class _ModelRecord:
     args: CreateModelArgs
@@ -261,7 +263,7 @@ class ModelService:
     def create_sampler_from_model(self, model_id: str, args: SaveSamplerArgs) -> SamplerInfo:
         self._record(model_id)
         state = self.engine.train_state(model_id)
-        name = args.name or f"snapshot-step{state.step}-{uuid.uuid4().hex[:8]}"
+        name = args.name or f"{SNAPSHOT_PREFIX}{state.step}-{uuid.uuid4().hex[:8]}"
         info = self.save(model_id, SaveArgs(name=name, with_optimizer=False, kind="sampler_weights"))
         sampler_id = args.sampler_id or f"{model_id}/sampler/{name}"
         return self.create_sampler(sampler_id, CreateSamplerArgs(base_model=self.base_model, model_path=info.path))
@@ -305,6 +307,13 @@ class ModelService:
             if self.engine.has_adapter(old):
                 self.engine.remove_adapter(old)
         return adapter
+
+    def drop_sampler_weights(self, model_path: str) -> None:
+        """Unload the adapter cached for these weights (their folder is being deleted)."""
+        with self._lock:
+            cached = self._sampler_adapters.pop(str(model_path), None)
+            if cached is not None and self.engine is not None and self.engine.has_adapter(cached[0]):
+                self.engine.remove_adapter(cached[0])
 
     def sample(self, sampler_id: str, args: SampleArgs) -> SampleResult:
         try:

@@ -189,7 +189,7 @@ class ServerContext:
                 by_model.setdefault(model["base_model"], []).append(model["model_id"])
         for base_model, model_ids in by_model.items():
             if base_model in self.schedulers:
-                await self.schedulers[base_model].offload.remote(model_ids)
+                await self.schedulers[base_model].end_session.remote(model_ids)
 
 
 def _remove_tree(path: str) -> None:
