@@ -1,8 +1,8 @@
 """The API's backend for a remote server: ids, sequence numbers, futures, heartbeats.
 
 Each call is validated here (before anything is sent), numbered (models: seq 1, 2, ... after the
-create at seq 0; samplers: 0, 1, ...), submitted through a transport, and its result long-polled
-on a small thread pool, so a script can pipeline calls exactly as in local mode.
+create at seq 0; samplers: 0, 1, ...), then submitted on a small thread pool in one request that
+also waits for the result, so a script can pipeline calls exactly as in local mode.
 """
 
 from __future__ import annotations
@@ -20,16 +20,10 @@ from pathlib import Path
 
 from twinkle.api.futures import Future
 from twinkle.api.spec import API_METHODS
-from twinkle.errors import SessionExpiredError, TwinkleError, error_from_dict
+from twinkle.errors import SessionExpiredError, error_from_dict
 from twinkle.client.transports import Transport
 
 log = logging.getLogger(__name__)
-
-
-def _failed(exc: BaseException) -> Future:
-    inner: concurrent.futures.Future = concurrent.futures.Future()
-    inner.set_exception(exc)
-    return Future(inner)
 
 
 class RemoteBackend:
@@ -45,6 +39,8 @@ class RemoteBackend:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="twinkle-poll")
         self._tokenizers: dict[str, object] = {}
         self._closed = threading.Event()
+        self._unsent = 0  # calls made but not yet accepted by the server
+        self._sent = threading.Condition()
         self._heartbeat = threading.Thread(target=self._beat, args=(heartbeat_s,), daemon=True,
                                            name="twinkle-heartbeat")
         self._heartbeat.start()
@@ -63,6 +59,8 @@ class RemoteBackend:
     def close(self) -> None:
         if self._closed.is_set():
             return
+        with self._sent:  # every call made before close reaches the server, awaited or not
+            self._sent.wait_for(lambda: self._unsent == 0, timeout=self.poll_timeout_s + 60.0)
         self._closed.set()
         try:
             self.transport.request("finish", {"session_id": self.session_id})
@@ -96,23 +94,34 @@ class RemoteBackend:
         else:
             seq_id = self._next_seq(target_id, 0)
         payload = {"method": method, "target_id": target_id, "seq_id": seq_id,
-                   "args": args.model_dump(mode="python")}
-        try:
-            request_id = self.transport.request("submit", payload)["request_id"]
-        except TwinkleError as exc:
-            return _failed(exc)
-        return Future(self._pool.submit(self._wait, request_id, spec.result))
+                   "args": args.model_dump(mode="python"), "wait": self.poll_timeout_s}
+        with self._sent:
+            self._unsent += 1
+        return Future(self._pool.submit(self._run, payload, spec.result))
 
-    def _wait(self, request_id: str, result_type):
+    def _accepted(self) -> None:
+        with self._sent:
+            self._unsent -= 1
+            self._sent.notify_all()
+
+    def _run(self, payload: dict, result_type):
+        """Submit and wait in one request (the server holds it until the result is ready or the
+        poll times out), then long-poll if needed. Calls still run in program order: the server
+        orders a target's calls by the seq_id assigned when the call was made."""
+        try:
+            reply = self.transport.request("submit", payload, timeout=self.poll_timeout_s)
+        finally:
+            self._accepted()
+        request_id = reply["request_id"]
         while True:
-            reply = self.transport.request("retrieve", {"request_id": request_id, "timeout": self.poll_timeout_s},
-                                           timeout=self.poll_timeout_s)
             status = reply.get("status")
             if status == "done":
                 return result_type.model_validate(reply["result"])
             if status == "failed":
                 error = reply.get("error") or {}
                 raise error_from_dict(error, error.get("status_code"))
+            reply = self.transport.request("retrieve", {"request_id": request_id, "timeout": self.poll_timeout_s},
+                                           timeout=self.poll_timeout_s)
 
     # ----------------------------------------------------------- tokenizer
     def get_tokenizer(self, base_model: str, tokenizer_path: str | None = None):

@@ -108,7 +108,7 @@ class TwinkleIngress:
             api = NativeAPI(self._ctx)
             if op == "submit":
                 result = await api.submit(tenant, body["method"], body.get("target_id"), body.get("seq_id"),
-                                          body.get("args") or {})
+                                          body.get("args") or {}, wait=body.get("wait"))
             elif op == "retrieve":
                 result = await api.retrieve(tenant, body["request_id"], body.get("timeout"))
             elif op == "session":

@@ -47,8 +47,19 @@ class NativeAPI:
 
     # ---------------------------------------------------------------- calls
     async def submit(self, tenant: str, method: str, target_id: str | None, seq_id: int | None,
-                     raw_args: dict) -> dict:
-        """Validate, translate paths, queue; returns {"request_id"}. Rejections free the seq_id."""
+                     raw_args: dict, wait: float | None = None) -> dict:
+        """Validate, translate paths, queue; returns {"request_id"}. Rejections free the seq_id.
+
+        With `wait` (seconds), also waits up to that long for the outcome and adds what `retrieve`
+        answers, so a call that finishes in time costs one round trip instead of two.
+        """
+        reply = await self._validated_submit(tenant, method, target_id, seq_id, raw_args)
+        if wait is not None and not isinstance(wait, bool) and isinstance(wait, (int, float)) and wait > 0:
+            reply.update(await self.retrieve(tenant, reply["request_id"], float(wait)))
+        return reply
+
+    async def _validated_submit(self, tenant: str, method: str, target_id: str | None, seq_id: int | None,
+                                raw_args: dict) -> dict:
         spec = API_METHODS.get(method)
         if spec is None:
             raise NotFoundError(f"unknown API method {method!r}; known: {sorted(API_METHODS)}", field="method")

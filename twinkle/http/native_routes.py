@@ -1,6 +1,7 @@
 """HTTP routes of Twinkle's own API, generated from `api.spec.API_METHODS`.
 
-`POST /api/v1/twinkle/<method>` with a msgpack body {target_id, seq_id, args} answers {request_id};
+`POST /api/v1/twinkle/<method>` with a msgpack body {target_id, seq_id, args[, wait]} answers
+{request_id} (with `wait` seconds, also the outcome if it is ready by then, as `retrieve` gives it);
 `POST /api/v1/twinkle/retrieve` long-polls a result. Binary msgpack keeps tensors as raw bytes.
 """
 
@@ -46,7 +47,8 @@ def _route(method: str):
         seq_id = body.get("seq_id")
         if seq_id is not None and not isinstance(seq_id, int):
             raise InvalidInputError("must be an integer", field="seq_id")
-        reply = await native(request).submit(tenant, method, body.get("target_id"), seq_id, body.get("args") or {})
+        reply = await native(request).submit(tenant, method, body.get("target_id"), seq_id, body.get("args") or {},
+                                             wait=body.get("wait"))
         return msgpack_response(reply)
 
     # real classes, not strings: Ray Serve pickles this closure by value, without the module's globals
