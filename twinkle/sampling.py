@@ -90,7 +90,8 @@ def prompt_logprobs(model, prompt: list[int], topk: int = 0, *, targets: np.ndar
     ids = torch.tensor([prompt], dtype=torch.long)
     logits, cache = _decode_step(model, ids, None, _cache_kwarg(model))
     logits = logits[0].float()
-    scores = PromptScores(logprobs=[None], topk=[None])
+    scores = PromptScores(logprobs=[None], topk=[None], targets=None if targets is None else [],
+                          alt_tokens=[] if alt_k else None, alt_logprobs=[] if alt_k else None)
     if len(prompt) > 1:
         log_dist = logits[:-1] - torch.logsumexp(logits[:-1], dim=-1, keepdim=True)
         scores.logprobs += log_dist.gather(-1, ids[0, 1:, None])[:, 0].tolist()
@@ -106,9 +107,6 @@ def prompt_logprobs(model, prompt: list[int], topk: int = 0, *, targets: np.ndar
             drawn = torch.multinomial(probs, alt_k, replacement=True, generator=generator)
             scores.alt_tokens = drawn.tolist()
             scores.alt_logprobs = log_dist.gather(-1, drawn).tolist()
-    elif targets is not None or alt_k:
-        scores.targets = [] if targets is not None else None
-        scores.alt_tokens, scores.alt_logprobs = ([], []) if alt_k else (None, None)
     return cache, logits[-1], scores
 
 

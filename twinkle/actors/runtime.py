@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespa
     kwargs: dict = {"namespace": namespace, "log_to_driver": log_to_driver, "include_dashboard": False}
     if address:
         kwargs.pop("include_dashboard")
-        ray.init(address=address, **kwargs)
+        connect_ray(address, **kwargs)
         log.info("joined Ray cluster at %s", address)
         return
     cpus = num_cpus or max(8, 2 * (os.cpu_count() or 1))
@@ -38,6 +39,27 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespa
         kwargs["_temp_dir"] = temp_dir
     ray.init(**kwargs)
     log.info("started an embedded Ray with %d logical CPUs", cpus)
+
+
+def connect_ray(address: str, attempts: int = 3, **init_kwargs) -> None:
+    """ray.init(address=...), retried: a Ray client server sometimes fails to start the per-client
+    server it forks for a new connection ("Initialization failure from server"); a new connection
+    attempt gets a new one."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=address, **init_kwargs)
+            return
+        except ConnectionError as exc:
+            if attempt == attempts:
+                raise
+            log.warning("connecting to Ray at %s failed (%s); retrying", address, str(exc).splitlines()[0])
+            try:
+                ray.shutdown()
+            except Exception:
+                pass
+            time.sleep(attempt)
 
 
 def shutdown_ray() -> None:

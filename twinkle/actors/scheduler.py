@@ -393,10 +393,10 @@ class ModelScheduler:
 
     def _delete_snapshots(self, model_id: str) -> None:
         try:
-            folder = self._checkpoint_path(model_id, "sampler_weights", "x").parent
+            tenant, run_dir = self._paths_of(model_id)
         except TwinkleError:
             return
-        tenant, _ = self._paths_of(model_id)
+        folder = safe_join(self.state_dir / "checkpoints", tenant_dir(tenant), run_dir, "sampler_weights")
         checkpoints, _ = self.store.list_checkpoints(tenant, model_id)
         named = {c["checkpoint_id"].split("/", 1)[1] for c in checkpoints
                  if c["checkpoint_id"].startswith("sampler_weights/")}

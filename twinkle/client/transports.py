@@ -104,7 +104,9 @@ class RayTransport:
         from ray import serve
 
         if not ray.is_initialized():
-            ray.init(address=address, namespace=namespace, log_to_driver=False)
+            from twinkle.actors.runtime import connect_ray  # plain Ray helpers, no torch
+
+            connect_ray(address, namespace=namespace, log_to_driver=False)
         self._handle = serve.get_app_handle(app_name)
         self._api_key = api_key
 
