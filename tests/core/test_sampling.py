@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -312,5 +314,28 @@ def test_named_sampler_snapshot_has_current_weights(state_dir):
         assert np.abs(np.asarray(before[1:]) - now).max() > 1e-2  # training changed the model
         after = model.sampler(name="latest").compute_logprobs(tokens).result()
         np.testing.assert_allclose(after[1:], now, rtol=0, atol=1e-4)
+    finally:
+        backend.close()
+
+
+def test_only_the_newest_unnamed_snapshots_are_kept(state_dir, monkeypatch):
+    """One unnamed snapshot per RL step would fill the disk: older ones are deleted, named ones kept."""
+    import twinkle.api.service as service
+    from twinkle import TrainingModel
+    from twinkle.api.local import LocalBackend
+    from twinkle.errors import NotFoundError
+
+    monkeypatch.setattr(service, "SNAPSHOTS_KEPT", 2)
+    backend = LocalBackend(state_dir)
+    try:
+        model = TrainingModel("twinkle-tiny", LoraConfig(rank=4, seed=4), backend=backend)
+        named = model.sampler(name="kept-by-name")
+        samplers = [model.sampler() for _ in range(3)]
+        folders = [Path(s.info.model_path) for s in samplers]
+        assert not folders[0].exists() and folders[1].exists() and folders[2].exists()
+        with pytest.raises(NotFoundError):
+            samplers[0].compute_logprobs([5, 6, 7]).result()
+        for sampler in (named, *samplers[1:]):
+            assert len(sampler.compute_logprobs([5, 6, 7]).result()) == 3
     finally:
         backend.close()

@@ -34,7 +34,6 @@ from twinkle.tiny.build import publish_to_hub_cache
 
 log = logging.getLogger(__name__)
 
-EPHEMERAL_SNAPSHOTS_KEPT = 32  # unnamed sampler snapshots per model (one per RL step), newest kept
 
 
 @dataclass
@@ -85,7 +84,6 @@ class ModelScheduler:
         self._waiters: dict[str, list[asyncio.Future]] = {}
         self._results: OrderedDict[str, tuple[str, Any]] = OrderedDict()
         self._paths: dict[str, tuple[str, str]] = {}  # model_id -> (tenant, run_dir)
-        self._ephemeral: dict[str, list[Path]] = {}
         self._last_used: dict[str, float] = {}
         self._last_activity = time.time()
         self._busy = False
@@ -329,23 +327,14 @@ class ModelScheduler:
             self.store.create_sampler(result.sampler_id, item.tenant, session_id=rec.get("session_id"),
                                       base_model=self.model.name, model_path=rec.get("tinker_path"),
                                       folder=result.model_path)
-            if item.method == "create_sampler_from_model":
-                if item.args.name is None:
-                    self._expire_snapshots(item.target_id, Path(result.model_path))
-                else:  # a named snapshot is a sampler checkpoint like any other
-                    self.store.add_checkpoint(item.target_id, f"sampler_weights/{item.args.name}", item.tenant,
-                                              kind="sampler", folder=result.model_path,
-                                              size_bytes=folder_size(result.model_path))
+            if item.method == "create_sampler_from_model" and item.args.name is not None:
+                # a named snapshot is a sampler checkpoint like any other
+                self.store.add_checkpoint(item.target_id, f"sampler_weights/{item.args.name}", item.tenant,
+                                          kind="sampler", folder=result.model_path,
+                                          size_bytes=folder_size(result.model_path))
         elif item.method == "close_model":
             self.store.set_model_status(item.target_id, "unloaded")
             self._last_used.pop(item.target_id, None)
-
-    def _expire_snapshots(self, model_id: str, newest: Path) -> None:
-        """Unnamed sampler snapshots (one per RL step) are temporary: keep the last few."""
-        kept = self._ephemeral.setdefault(model_id, [])
-        kept.append(newest)
-        while len(kept) > EPHEMERAL_SNAPSHOTS_KEPT:
-            shutil.rmtree(kept.pop(0), ignore_errors=True)
 
     # ----------------------------------------------------- idle management
     async def _sweep_loop(self) -> None:
@@ -392,6 +381,9 @@ class ModelScheduler:
         await asyncio.get_running_loop().run_in_executor(self._pool, work)
 
     def _delete_snapshots(self, model_id: str) -> None:
+        if self._service is not None:
+            self._service.delete_snapshots(model_id)
+        # and any left by an earlier run of this scheduler (unnamed: no checkpoint record)
         try:
             tenant, run_dir = self._paths_of(model_id)
         except TwinkleError:
@@ -400,12 +392,9 @@ class ModelScheduler:
         checkpoints, _ = self.store.list_checkpoints(tenant, model_id)
         named = {c["checkpoint_id"].split("/", 1)[1] for c in checkpoints
                  if c["checkpoint_id"].startswith("sampler_weights/")}
-        for path in set(self._ephemeral.pop(model_id, [])) | set(folder.glob(f"{SNAPSHOT_PREFIX}*")):
-            if path.name in named or not path.is_dir():
-                continue
-            if self._service is not None:
-                self._service.drop_sampler_weights(str(path))
-            shutil.rmtree(path, ignore_errors=True)
+        for path in folder.glob(f"{SNAPSHOT_PREFIX}*"):
+            if path.name not in named and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
 
     async def stats(self) -> dict:
         return {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import threading
 import uuid
 from collections import OrderedDict
@@ -46,6 +47,7 @@ class EngineHandle(Protocol):
 
 
 SNAPSHOT_PREFIX = "snapshot-step"  # unnamed sampler snapshots: temporary, deleted with their session
+SNAPSHOTS_KEPT = 32  # unnamed snapshots kept per model (one per RL step); older ones are deleted
 
 @dataclass
 class _ModelRecord:
@@ -94,6 +96,7 @@ class ModelService:
         self._offloaded: dict[str, Path] = {}
         self.samplers: dict[str, _SamplerRecord] = {}
         self._sampler_adapters: OrderedDict[str, tuple[str, str]] = OrderedDict()  # path -> (adapter, version)
+        self._snapshots: dict[str, list[str]] = {}  # model_id -> folders of its unnamed snapshots, oldest first
         self._lock = threading.RLock()
         if engine is not None:
             self.attach_engine(engine)
@@ -266,7 +269,22 @@ class ModelService:
         name = args.name or f"{SNAPSHOT_PREFIX}{state.step}-{uuid.uuid4().hex[:8]}"
         info = self.save(model_id, SaveArgs(name=name, with_optimizer=False, kind="sampler_weights"))
         sampler_id = args.sampler_id or f"{model_id}/sampler/{name}"
-        return self.create_sampler(sampler_id, CreateSamplerArgs(base_model=self.base_model, model_path=info.path))
+        sampler = self.create_sampler(sampler_id, CreateSamplerArgs(base_model=self.base_model, model_path=info.path))
+        if args.name is None:
+            kept = self._snapshots.setdefault(model_id, [])
+            kept.append(info.path)
+            while len(kept) > SNAPSHOTS_KEPT:
+                self._delete_weights(kept.pop(0))
+        return sampler
+
+    def delete_snapshots(self, model_id: str) -> None:
+        """Delete a model's unnamed sampler snapshots (its session ended)."""
+        for path in self._snapshots.pop(model_id, []):
+            self._delete_weights(path)
+
+    def _delete_weights(self, path: str) -> None:
+        self.drop_sampler_weights(path)
+        shutil.rmtree(path, ignore_errors=True)
 
     # ------------------------------------------------------------ samplers
     def create_sampler(self, sampler_id: str, args: CreateSamplerArgs) -> SamplerInfo:
