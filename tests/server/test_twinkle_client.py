@@ -280,6 +280,12 @@ def test_errors_are_typed_and_name_the_field(server):
         with pytest.raises(InvalidInputError) as err:
             TrainingModel("no-such-model", backend=backend)
         assert err.value.field == "base_model"
+        # a raw request with a malformed `wait` is refused with the field named
+        raw = backend.transport
+        with pytest.raises(InvalidInputError) as err:
+            raw.request("submit", {"method": "forward", "target_id": model.model_id, "seq_id": 99,
+                                   "args": {"data": [_datum().model_dump()]}, "wait": "soon"})
+        assert err.value.field == "wait"
     finally:
         backend.close()
 

@@ -49,6 +49,7 @@ class EngineHandle(Protocol):
 SNAPSHOT_PREFIX = "snapshot-step"  # unnamed sampler snapshots: temporary, deleted with their session
 SNAPSHOTS_KEPT = 32  # unnamed snapshots kept per model (one per RL step); older ones are deleted
 
+
 @dataclass
 class _ModelRecord:
     args: CreateModelArgs

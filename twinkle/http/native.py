@@ -53,13 +53,13 @@ class NativeAPI:
         With `wait` (seconds), also waits up to that long for the outcome and adds what `retrieve`
         answers, so a call that finishes in time costs one round trip instead of two.
         """
-        reply = await self._validated_submit(tenant, method, target_id, seq_id, raw_args)
-        if wait is not None and not isinstance(wait, bool) and isinstance(wait, (int, float)) and wait > 0:
+        reply = await self._validated_submit(tenant, method, target_id, seq_id, raw_args, wait)
+        if wait:
             reply.update(await self.retrieve(tenant, reply["request_id"], float(wait)))
         return reply
 
     async def _validated_submit(self, tenant: str, method: str, target_id: str | None, seq_id: int | None,
-                                raw_args: dict) -> dict:
+                                raw_args: dict, wait: Any = None) -> dict:
         spec = API_METHODS.get(method)
         if spec is None:
             raise NotFoundError(f"unknown API method {method!r}; known: {sorted(API_METHODS)}", field="method")
@@ -69,6 +69,8 @@ class NativeAPI:
         if spec.target == "model" and method not in ("create_model", "create_model_from_checkpoint"):
             base_model = await self.ctx.model_owner(target_id, tenant)
         try:
+            if wait is not None and (isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0):
+                raise InvalidInputError(f"must be a number of seconds >= 0, got {wait!r}", field="wait")
             args = spec.args.model_validate(raw_args or {})
             return await self._submit(tenant, spec, target_id, seq_id, args, base_model)
         except Exception as exc:
