@@ -418,3 +418,40 @@ def test_sdk_with_wrong_key_raises_authentication_error(server):
     with pytest.raises(tinker.AuthenticationError):
         service.create_lora_training_client(base_model=BASE, rank=RANK).result(timeout=120)
     assert time.time() - started < 60
+
+
+def test_copy_weights(server, alice, bob):
+    client = alice.create_lora_training_client(base_model=BASE, rank=RANK, seed=7).result()
+    train(client, batch(7), steps=2, lr=5e-2)
+    source = client.save_weights_for_sampler("to-copy").result().path
+    rest = rest_of(alice)
+    copied = rest.copy_weights(source, "archive").result()
+    assert copied != source and copied.endswith("/sampler_weights/to-copy")
+    run_id = copied[len("tinker://"):].split("/")[0]
+    assert checkpoint_paths(rest.list_checkpoints(run_id).result()) == {copied}
+
+    prompt = types.ModelInput.from_ints([5, 6, 7, 8, 9])
+    greedy = types.SamplingParams(max_tokens=6, temperature=0.0)
+
+    def sample(path: str) -> list[int]:
+        sampler = alice.create_sampling_client(model_path=path).result()
+        return list(sampler.sample(prompt, 1, greedy).result().sequences[0].tokens)
+
+    expected = sample(source)
+    assert sample(copied) == expected
+    rest.delete_checkpoint_from_tinker_path(source).result()
+    assert sample(copied) == expected  # the copy does not depend on the source's record or folder
+
+    key = server.keys["alice"]
+    refused = requests.post(api(server, "forward_backward"), data=fb_proto(run_id, 1, batch(1)),
+                            headers={"X-API-Key": key, "Content-Type": "application/x-protobuf"})
+    assert_json_error(refused, 404)  # a copy holds weights; it is not a model to train
+    body = {"source_path": copied, "destination_project_id": "p"}
+    assert_json_error(requests.post(api(server, "copy_weights"), json={**body, "ttl_seconds": 5},
+                                    headers={"X-API-Key": key}), 400, "ttl_seconds")
+    assert_json_error(requests.post(api(server, "copy_weights"), json=body,
+                                    headers={"X-API-Key": server.keys["bob"]}), 404, "source_path")
+    retried = [requests.post(api(server, "copy_weights"), json=body,
+                             headers={"X-API-Key": key, "X-Idempotency-Key": "copy-once"}).json()["tinker_path"]
+               for _ in range(2)]
+    assert retried[0] == retried[1] != copied  # a retried copy is one copy

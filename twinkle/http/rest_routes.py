@@ -1,16 +1,23 @@
-"""Tinker's REST routes: training runs and their checkpoints (list, delete, publish, TTL)."""
+"""Tinker's REST routes: training runs and their checkpoints (list, delete, publish, TTL, copy)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import time
+import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 
 from fastapi import APIRouter, Request
 
-from twinkle.errors import NotFoundError, UnprocessableError
+from twinkle import wire
+from twinkle.actors.scheduler import tenant_dir
+from twinkle.checkpoint import atomic_folder
+from twinkle.errors import ConflictError, InvalidInputError, NotFoundError, UnprocessableError
 from twinkle.http.common import Body, context, parse, resolve_checkpoint, tenant_of, tinker_path
+from twinkle.paths import safe_join
 
 router = APIRouter(prefix="/api/v1")
 
@@ -173,3 +180,70 @@ async def weights_info(request: Request) -> dict:
     return {"base_model": ckpt["base_model"], "is_lora": True, "optimizer_config": {"type": "adamw"},
             "lora_rank": lora.get("rank"), "train_unembed": lora.get("train_unembed"),
             "train_mlp": lora.get("train_mlp"), "train_attn": lora.get("train_attn")}
+
+
+class CopyWeightsBody(Body):
+    source_path: str
+    destination_project_id: str | None = None  # accepted; this server has no projects
+    session_id: str | None = None
+    model_seq_id: int | None = None
+    ttl_seconds: int | None = None
+
+
+MAX_TTL_S = 10 * 365 * 24 * 3600
+
+
+@router.post("/copy_weights")
+async def copy_weights(request: Request) -> dict:
+    """A checkpoint (own or public) copied into a new training run of the caller that cannot be
+    trained on; files are hard links where the disk allows, so no bytes are duplicated."""
+    tenant = await tenant_of(request)
+    ctx = context(request)
+    body = await parse(request, CopyWeightsBody)
+    if body.ttl_seconds is not None and not 3600 <= body.ttl_seconds <= MAX_TTL_S:
+        raise InvalidInputError("must be between 3600 (1 hour) and 10 years in seconds, or null",
+                                field="ttl_seconds")
+    source = await resolve_checkpoint(ctx, body.source_path, tenant, field="source_path")
+    if body.session_id is not None:
+        if body.model_seq_id is None:
+            raise InvalidInputError("give model_seq_id with session_id", field="model_seq_id")
+        await ctx.require_session(body.session_id, tenant)
+        run_id = f"{body.session_id}:train:{body.model_seq_id}"
+        if await ctx.db(ctx.store.get_model, run_id, None) is not None:
+            raise ConflictError(f"training run slot {run_id!r} is already used; pick another model_seq_id",
+                                field="model_seq_id")
+    else:
+        run_id = f"copy-{uuid.uuid4().hex}"
+    record, created = await ctx.db(ctx.store.create_future, uuid.uuid4().hex, tenant, kind="copy_weights",
+                                   idempotency_key=request.headers.get("x-idempotency-key"))
+    if not created and record.status == "done":  # a retry of a copy that already happened
+        return wire.loads(record.result)
+    segment, name = source["checkpoint_id"].split("/", 1)
+    target = safe_join(ctx.state_dir / "checkpoints", tenant_dir(tenant), ctx.run_dir(run_id), segment, name)
+    await asyncio.to_thread(_link_tree, source["folder"], target)
+    source_model = await ctx.db(ctx.store.get_model, source["run_id"], None) or {}
+    await ctx.db(ctx.store.create_model, run_id, tenant, session_id=body.session_id,
+                 base_model=source["base_model"], lora=source_model.get("lora") or {}, run_dir=ctx.run_dir(run_id),
+                 user_metadata={"copied_from": body.source_path})
+    await ctx.db(ctx.store.set_model_status, run_id, "unloaded")  # a copy holds weights, not a live model
+    await ctx.db(ctx.store.add_checkpoint, run_id, source["checkpoint_id"], tenant, kind=source["kind"],
+                 folder=str(target), size_bytes=source["size_bytes"], ttl_seconds=body.ttl_seconds)
+    reply = {"tinker_path": tinker_path(run_id, segment, name)}
+    await ctx.db(ctx.store.complete_future, record.request_id, wire.dumps(reply))
+    return reply
+
+
+def _link_tree(source: str, target) -> None:
+    """Hard-link every file of a checkpoint folder into `target` (copy where links fail)."""
+    src = Path(source)
+    with atomic_folder(target) as tmp:
+        for path in src.rglob("*"):
+            dest = tmp / path.relative_to(src)
+            if path.is_dir():
+                dest.mkdir(parents=True, exist_ok=True)
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, dest)
+            except OSError:
+                shutil.copy2(path, dest)
