@@ -468,3 +468,10 @@ def test_bob_kept_training(server, bob_trainer):
     assert len(bob_trainer.losses) >= 3, bob_trainer.losses
     assert bob_trainer.losses[-1] < bob_trainer.losses[0]
     assert requests.get(api(server, "healthz"), timeout=10).json() == {"status": "ok"}
+
+
+def test_unknown_routes_and_methods_say_what_is_wrong(server):
+    missing = requests.post(api(server, "no_such_route"), json={}, headers=headers(server))
+    assert "/api/v1/no_such_route" in check_response(missing, 404, "path")["error"]
+    wrong_method = requests.get(api(server, "forward_backward"), headers=headers(server))
+    assert "GET" in check_response(wrong_method, 405, "path")["error"]

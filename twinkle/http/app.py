@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from twinkle.config import ServerConfig
 from twinkle.errors import NotFoundError, TwinkleError
@@ -57,6 +58,20 @@ def create_app() -> FastAPI:
         field = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         return JSONResponse(_error_body(TwinkleError(first.get("msg", "invalid request"), field=field))
                             | {"category": "user", "type": "InvalidInputError"}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def no_such_route(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Unknown paths and methods answer in the same JSON shape as every other error."""
+        if exc.status_code == 404:
+            message = (f"this server has no route {request.method} {request.url.path}; the routes it serves "
+                       "are listed at /api/v1/docs")
+        elif exc.status_code == 405:
+            message = f"{request.url.path} does not accept {request.method}; see /api/v1/docs"
+        else:
+            message = str(exc.detail)
+        return JSONResponse({"error": message, "detail": message, "field": "path", "category": "user",
+                             "type": "NotFoundError" if exc.status_code == 404 else "InvalidInputError"},
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
