@@ -35,7 +35,6 @@ from twinkle.tiny.build import publish_to_hub_cache
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class WorkItem:
     """One request for the scheduler. `ordered` items of a target run in seq_id order."""

@@ -54,7 +54,6 @@ def make_pairs(topics: list[str], seed: int) -> list[tuple[str, str, str]]:
     return pairs
 
 
-
 def reply_datum(tokenizer, prompt: str, reply: str) -> types.Datum:
     """Next-token datum over prompt + reply; weight 1 on the reply's tokens (those DPO scores)."""
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]

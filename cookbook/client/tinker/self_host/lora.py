@@ -48,7 +48,6 @@ def pig_latin(word: str) -> str:
     return word[cut:] + word[:cut] + "ay"
 
 
-
 def chat_ids(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
     return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
                                               return_dict=False))

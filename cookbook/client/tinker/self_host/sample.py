@@ -42,7 +42,6 @@ from common import MetricsLog, add_tinker_connection_flags, ready, tinker_servic
 TRAIN_REPLY = "Hello! I am Twinkle."
 
 
-
 def chat_ids(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
     return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
                                               return_dict=False))

@@ -63,7 +63,6 @@ def score(text: str, stop_reason: str, answer: int) -> tuple[float, bool]:
     return float(correct) + FORMAT_BONUS * well_formed, correct
 
 
-
 def prompt_ids(tokenizer, question: str) -> list[int]:
     return list(tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=True,
                                               add_generation_prompt=True, return_dict=False))

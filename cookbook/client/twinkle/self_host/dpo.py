@@ -58,7 +58,6 @@ def make_pairs(topics: list[str], rng: random.Random) -> list[tuple[list[dict], 
     return pairs
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_twinkle_connection_flags(parser)

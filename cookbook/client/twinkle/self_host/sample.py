@@ -37,7 +37,6 @@ from common import add_twinkle_connection_flags, connect_twinkle, load_jsonl  # 
 QUESTION = "Who are you?"
 
 
-
 def train_and_save(api, args) -> str:
     """A few SFT steps on the self-cognition examples, then a checkpoint; returns its path."""
     from twinkle.chat import supervised_datum

@@ -54,7 +54,6 @@ def reward(answer_text: str, expected: str) -> float:
     return 1.0 if answer_text.strip() == expected else 0.0
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_twinkle_connection_flags(parser)
