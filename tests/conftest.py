@@ -29,11 +29,12 @@ def tiny_path(state_dir) -> str:
 
 @pytest.fixture
 def make_engine(state_dir):
-    """Factory for fresh in-process engines on twinkle-tiny (or another model)."""
-    from twinkle.engine import Engine, EngineConfig
+    """Factory for fresh in-process backends on twinkle-tiny (or another model), driven one request at a time."""
+    from tests.core.solo import Solo
+    from twinkle.backends import BackendConfig, make_training_backend
 
     def factory(base_model: str = "twinkle-tiny", **overrides):
-        return Engine(EngineConfig(base_model=base_model, state_dir=state_dir, **overrides))
+        return Solo(make_training_backend(BackendConfig(base_model=base_model, state_dir=state_dir, **overrides)))
 
     return factory
 

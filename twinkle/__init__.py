@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "init": "twinkle.api.context",
+    "init": "twinkle.api.modes",
     "shutdown": "twinkle.api.context",
     "TrainingModel": "twinkle.api.objects",
     "Sampler": "twinkle.api.objects",
@@ -51,7 +51,7 @@ def __getattr__(name: str):
 
 if TYPE_CHECKING:  # pragma: no cover
     from twinkle import chat, errors  # noqa: F401
-    from twinkle.api.context import init, shutdown  # noqa: F401
+    from twinkle.api.modes import init, shutdown  # noqa: F401
     from twinkle.api.futures import Future  # noqa: F401
     from twinkle.api.objects import Sampler, TrainingModel  # noqa: F401
     from twinkle.api.spec import ModelInfo, SamplerInfo  # noqa: F401

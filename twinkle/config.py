@@ -54,9 +54,16 @@ class ModelConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = Field("auto", description="'auto' picks cuda when the worker has a GPU, else cpu")
     max_lora_rank: int = Field(128, ge=1)
-    max_adapters: int = Field(64, ge=1, description="resident adapters; idle ones are offloaded")
+    max_adapters: int = Field(64, ge=1, description="resident training adapters (slots); beyond them the least "
+                              "recently used are offloaded to disk and restored on their next request")
     max_context_length: int | None = None
-    micro_batch_tokens: int = Field(8192, ge=64)
+    micro_batch_tokens: int = Field(8192, ge=64, description="padded tokens per forward; bounds activation memory")
+    pass_tokens: int = Field(32768, ge=64, description="tokens of forward/forward_backward requests, of any "
+                             "tenants, gathered into one shared training pass")
+    sample_tokens: int = Field(65536, ge=64, description="tokens (prompt + samples x max_tokens) of sample "
+                               "requests gathered into one shared generation")
+    batching: Literal["batched", "time_sliced"] = Field(
+        "batched", description="time_sliced runs one request per pass (to measure what batching gains)")
     num_threads: int | None = Field(None, ge=1, description="torch threads per worker; default: all cores")
     preload: bool = Field(True, description="start the workers with the server instead of on first use")
     parallelism: ParallelismConfig = Field(default_factory=ParallelismConfig)
@@ -79,6 +86,24 @@ class AuthConfig(_Strict):
             if not tenant or not key:
                 raise ValueError("tenants and keys must be non-empty")
         return keys
+
+
+class TenantQuota(_Strict):
+    """What one tenant may hold or queue; requests beyond it answer 429 naming the limit."""
+
+    max_models: int = Field(64, ge=1, description="live training models per tenant")
+    max_resident_adapters: int = Field(16, ge=1, description="adapters per base model a tenant keeps resident; "
+                                       "its least recently used beyond this are offloaded")
+    max_queued_requests: int = Field(256, ge=1, description="requests per base model waiting or running")
+    max_tokens_per_request: int = Field(262_144, ge=1)
+
+
+class QuotasConfig(_Strict):
+    default: TenantQuota = Field(default_factory=TenantQuota)
+    tenants: dict[str, TenantQuota] = Field(default_factory=dict, description="per-tenant overrides")
+
+    def of(self, tenant: str) -> TenantQuota:
+        return self.tenants.get(tenant, self.default)
 
 
 class LimitsConfig(_Strict):
@@ -114,6 +139,7 @@ class ServerConfig(_Strict):
     models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig(name="twinkle-tiny")])
     auth: AuthConfig = Field(default_factory=AuthConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    quotas: QuotasConfig = Field(default_factory=QuotasConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 

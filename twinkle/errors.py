@@ -86,6 +86,12 @@ class CapacityError(TwinkleError):
     category = "server"
 
 
+class QuotaExceededError(CapacityError):
+    """A per-tenant quota of this server is reached (HTTP 429); the message names the limit."""
+
+    category = "user"
+
+
 class ServerUnavailableError(TwinkleError):
     """The server could not be reached or stopped answering (client side)."""
 
@@ -105,6 +111,7 @@ _BY_NAME = {
         ConflictError,
         SessionExpiredError,
         CapacityError,
+        QuotaExceededError,
         ServerUnavailableError,
     )
 }

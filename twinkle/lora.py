@@ -85,3 +85,17 @@ def module_kinds(model: nn.Module) -> dict[str, str]:
         except ValueError:
             pass
     return kinds
+
+
+def adaptable_layers(model: nn.Module) -> dict[str, str]:
+    """Every linear layer a LoRA adapter may target: module path -> 'attn', 'mlp' or 'unembed'.
+
+    Paths are those PEFT uses in its weight names (`base_model.model.<path>.lora_A.weight`)."""
+    kinds = module_kinds(model)
+    return {path: kinds[path.rsplit(".", 1)[-1]] for path, module in model.named_modules()
+            if isinstance(module, nn.Linear) and path.rsplit(".", 1)[-1] in kinds}
+
+
+def peft_weight_name(layer: str, matrix: str) -> str:
+    """The name PEFT saves a layer's lora_A / lora_B weight under."""
+    return f"base_model.model.{layer}.{matrix}.weight"

@@ -1,21 +1,28 @@
-"""Token sampling with a KV cache, reporting the model's log-probabilities.
+"""Token sampling for many requests at once, with a KV cache, reporting the model's log-probabilities.
 
-One prompt is prefilled once; its cache is copied to `num_samples` rows which are decoded together,
-and rows that finish are dropped from the batch. Reported logprobs are those of the raw model
-distribution (temperature 1, no top-k/top-p filtering), so they agree with `forward` on the same
-sequence — what RL losses need as the sampler's q.
+The prompts of all requests are prefilled together (left-padded, with an attention mask and explicit
+positions); each prompt's cache row is copied to its `num_samples` rows, and all rows decode
+together, dropping out as they finish. Each request draws from its own seeded generator over its own
+rows, so a request's samples do not depend on what else shares the batch.
+
+Reported logprobs are those of the raw model distribution (temperature 1, no top-k/top-p
+filtering), so they agree with `forward` on the same sequence — what RL losses need as the
+sampler's q.
 """
 
 from __future__ import annotations
 
 import inspect
 import secrets
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from twinkle.types import SampledSequence, SampleResult, SamplingParams
+
+RowsHook = Callable[[list[int]], None]  # told which job each row of the next forward belongs to
 
 
 @dataclass
@@ -32,6 +39,35 @@ class StopCriteria:
         if stop and isinstance(stop[0], str):
             return cls(frozenset(), tuple(s for s in stop if s))
         return cls(frozenset(int(t) for t in stop), ())
+
+
+@dataclass
+class SamplingJob:
+    """One request inside a batched generation."""
+
+    prompt: list[int]
+    params: SamplingParams
+    num_samples: int = 1
+    include_prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
+    target_prompt_logprobs: np.ndarray | None = None
+    prompt_alt_tokens_k: int = 0
+
+
+@dataclass
+class _JobState:
+    job: SamplingJob
+    max_tokens: int
+    stop: StopCriteria
+    generator: torch.Generator
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    topk: list[list[list[tuple[int, float]]]]
+    reasons: list[str]
+    longest_stop: int = 0
+    scores: "PromptScores | None" = None
+    active: list[int] = field(default_factory=list)  # sample indices still decoding
 
 
 def _filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -59,14 +95,6 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
-def _decode_step(model, ids: torch.Tensor, cache, kwarg: str):
-    out = model(input_ids=ids, use_cache=True, **({kwarg: cache} if cache is not None else {}))
-    new_cache = getattr(out, "cache", None)
-    if new_cache is None:
-        new_cache = out.past_key_values
-    return out.logits, new_cache
-
-
 @dataclass
 class PromptScores:
     """What the prefill reports about the prompt; row i of the 2-D fields is prompt position i + 1."""
@@ -78,110 +106,187 @@ class PromptScores:
     alt_logprobs: list[list[float]] | None = None
 
 
-@torch.no_grad()
-def prompt_logprobs(model, prompt: list[int], topk: int = 0, *, targets: np.ndarray | None = None,
-                    alt_k: int = 0, temperature: float = 1.0, generator: torch.Generator | None = None):
-    """Prefill the prompt; return (cache, last-position logits, PromptScores).
+def _score_prompt(logits: torch.Tensor, prompt: torch.Tensor, job: SamplingJob,
+                  generator: torch.Generator) -> PromptScores:
+    """Scores of one prompt from its prefill logits (len(prompt), V), on the logits' device.
 
-    `targets` ([len(prompt) - 1, K] token ids, -1 for none) are scored at their positions (0.0 where
-    -1); `alt_k` tokens are drawn at every position after the first, at `temperature`, with their
-    logprobs under the model.
+    `target_prompt_logprobs` ([len(prompt) - 1, K] token ids, -1 for none) are scored at their
+    positions (0.0 where -1); `prompt_alt_tokens_k` tokens are drawn at every position after the
+    first, at the sampling temperature, with their logprobs under the model.
     """
-    ids = torch.tensor([prompt], dtype=torch.long)
-    logits, cache = _decode_step(model, ids, None, _cache_kwarg(model))
-    logits = logits[0].float()
-    scores = PromptScores(logprobs=[None], topk=[None], targets=None if targets is None else [],
+    alt_k = job.prompt_alt_tokens_k
+    scores = PromptScores(logprobs=[None], topk=[None],
+                          targets=None if job.target_prompt_logprobs is None else [],
                           alt_tokens=[] if alt_k else None, alt_logprobs=[] if alt_k else None)
-    if len(prompt) > 1:
-        log_dist = logits[:-1] - torch.logsumexp(logits[:-1], dim=-1, keepdim=True)
-        scores.logprobs += log_dist.gather(-1, ids[0, 1:, None])[:, 0].tolist()
-        if topk:
-            scores.topk += _topk_lists(log_dist, topk)
-        if targets is not None:
-            wanted = torch.as_tensor(np.asarray(targets, dtype=np.int64))
-            values = log_dist.gather(-1, wanted.clamp(min=0))
-            scores.targets = values.masked_fill(wanted < 0, 0.0).tolist()
-        if alt_k:
-            probs = torch.softmax(log_dist / temperature, dim=-1) if temperature > 0 else \
-                torch.nn.functional.one_hot(log_dist.argmax(-1), log_dist.shape[-1]).float()
-            drawn = torch.multinomial(probs, alt_k, replacement=True, generator=generator)
-            scores.alt_tokens = drawn.tolist()
-            scores.alt_logprobs = log_dist.gather(-1, drawn).tolist()
-    return cache, logits[-1], scores
+    if len(prompt) < 2:
+        return scores
+    log_dist = logits[:-1] - torch.logsumexp(logits[:-1], dim=-1, keepdim=True)
+    if job.include_prompt_logprobs:
+        scores.logprobs += log_dist.gather(-1, prompt[1:, None])[:, 0].cpu().tolist()
+    if job.topk_prompt_logprobs:
+        scores.topk += _topk_lists(log_dist.cpu(), job.topk_prompt_logprobs)
+    if job.target_prompt_logprobs is not None:
+        wanted = torch.as_tensor(np.asarray(job.target_prompt_logprobs, dtype=np.int64), device=logits.device)
+        values = log_dist.gather(-1, wanted.clamp(min=0))
+        scores.targets = values.masked_fill(wanted < 0, 0.0).cpu().tolist()
+    if alt_k:
+        temperature = job.params.temperature
+        dist = log_dist.cpu()
+        probs = torch.softmax(dist / temperature, dim=-1) if temperature > 0 else \
+            torch.nn.functional.one_hot(dist.argmax(-1), dist.shape[-1]).float()
+        drawn = torch.multinomial(probs, alt_k, replacement=True, generator=generator)
+        scores.alt_tokens = drawn.tolist()
+        scores.alt_logprobs = dist.gather(-1, drawn).tolist()
+    return scores
+
+
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed) % 2**63)
+
+
+def _forward(model, ids, mask, positions, cache, kwarg):
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                **({kwarg: cache} if cache is not None else {}))
+    new_cache = getattr(out, "cache", None)
+    if new_cache is None:
+        new_cache = out.past_key_values
+    return out.logits, new_cache
 
 
 @torch.no_grad()
-def sample(model, prompt: list[int], params: SamplingParams, num_samples: int, *, eos_token_ids: list[int],
-           decode, max_context: int, default_max_tokens: int = 1024, include_prompt_logprobs: bool = False,
-           topk_prompt_logprobs: int = 0, topk_sample_logprobs: int = 0,
-           target_prompt_logprobs: np.ndarray | None = None, prompt_alt_tokens_k: int = 0) -> SampleResult:
-    """Sample `num_samples` continuations of `prompt` from `model` (already set to the right adapter).
+def sample_batch(model, jobs: Sequence[SamplingJob], *, eos_token_ids: list[int], decode, max_context: int,
+                 default_max_tokens: int = 1024, on_rows: RowsHook | None = None) -> list[SampleResult]:
+    """Sample every job's continuations in shared forward passes; one SampleResult per job.
 
-    Logprobs (sampled and top-k) are the model's own distribution, before temperature or top-k/top-p
-    filtering: the numbers a trainer's `forward` gives for the same tokens.
+    `on_rows` is told, before every forward, which job each row of its batch belongs to (the
+    multi-LoRA layer uses it to give each row its request's adapter).
     """
-    seed = params.seed if params.seed is not None else secrets.randbits(63)
-    generator = torch.Generator().manual_seed(int(seed))
-    # the prompt's alternative draws use their own stream: asking for them leaves the samples unchanged
-    alt_generator = torch.Generator().manual_seed((int(seed) + 1) % 2**63)
-    cache, last_logits, scores = prompt_logprobs(model, prompt, topk_prompt_logprobs, targets=target_prompt_logprobs,
-                                                 alt_k=prompt_alt_tokens_k, temperature=params.temperature,
-                                                 generator=alt_generator)
+    device = model.get_input_embeddings().weight.device
     kwarg = _cache_kwarg(model)
-    max_tokens = params.max_tokens or default_max_tokens
-    max_tokens = max(0, min(max_tokens, max_context - len(prompt)))
-    stop = StopCriteria.from_params(params.stop, eos_token_ids)
-    longest_stop = max((len(s) for s in stop.strings), default=0)
+    states = [_start(job, eos_token_ids, max_context, default_max_tokens) for job in jobs]
 
-    tokens: list[list[int]] = [[] for _ in range(num_samples)]
-    logprobs: list[list[float]] = [[] for _ in range(num_samples)]
-    topk: list[list[list[tuple[int, float]]]] = [[] for _ in range(num_samples)]
-    reasons: list[str] = ["length"] * num_samples
-    active = list(range(num_samples))
-    if num_samples > 1:
-        cache.batch_repeat_interleave(num_samples)
-    next_logits = last_logits.unsqueeze(0).expand(num_samples, -1)
+    # prefill every prompt at once, left-padded to the longest
+    longest = max(len(job.prompt) for job in jobs)
+    ids = torch.zeros((len(jobs), longest), dtype=torch.long)
+    mask = torch.zeros((len(jobs), longest), dtype=torch.long)
+    for j, job in enumerate(jobs):
+        ids[j, longest - len(job.prompt):] = torch.as_tensor(job.prompt, dtype=torch.long)
+        mask[j, longest - len(job.prompt):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    if on_rows is not None:
+        on_rows(list(range(len(jobs))))
+    padded = any(len(job.prompt) != longest for job in jobs)  # without padding, no mask is needed
+    logits, cache = _forward(model, ids, mask if padded else None, positions, None, kwarg)
+    for j, state in enumerate(states):
+        prompt_logits = logits[j, longest - len(state.job.prompt):].float()
+        alt_generator = _seeded(_seed_of(state.job.params) + 1)
+        state.scores = _score_prompt(prompt_logits, ids[j, longest - len(state.job.prompt):], state.job,
+                                     alt_generator)
+    last = logits[:, -1].float()
 
-    for _ in range(max_tokens):
-        lse = torch.logsumexp(next_logits, dim=-1, keepdim=True)
-        if params.temperature == 0:
-            chosen = torch.argmax(next_logits, dim=-1)
-        else:
-            probs = torch.softmax(_filter_logits(next_logits, params), dim=-1)
-            chosen = torch.multinomial(probs, 1, generator=generator)[:, 0]
-        chosen_lp = (next_logits.gather(-1, chosen[:, None]) - lse)[:, 0]
-        step_topk = _topk_lists(next_logits - lse, topk_sample_logprobs) if topk_sample_logprobs else None
-        keep = []
-        for row, (token, lp) in enumerate(zip(chosen.tolist(), chosen_lp.tolist())):
-            seq = active[row]
-            tokens[seq].append(token)
-            logprobs[seq].append(lp)
-            if step_topk is not None:
-                topk[seq].append(step_topk[row])
-            finished = token in stop.token_ids
-            if not finished and stop.strings:
-                tail = decode(tokens[seq][-(longest_stop + 8):])
-                finished = any(s in tail for s in stop.strings)
-            if finished:
-                reasons[seq] = "stop"
-            else:
-                keep.append(row)
-        if not keep or len(tokens[active[keep[0]]]) >= max_tokens:
+    # one row per sample; rows of a job are contiguous and in sample order
+    row_job = [j for j, state in enumerate(states) for _ in state.active]
+    row_sample = [i for state in states for i in state.active]
+    if not row_job:
+        return [_result(state) for state in states]
+    index = torch.tensor(row_job, device=device)
+    if len(row_job) != len(jobs):
+        cache.batch_select_indices(index)
+    mask = mask.index_select(0, index)
+    next_pos = mask.sum(-1, keepdim=True)
+    next_logits = last.index_select(0, index)
+    step = 0
+    while row_job:
+        step += 1
+        chosen = torch.empty(len(row_job), dtype=torch.long, device=device)
+        keep: list[int] = []
+        start = 0
+        while start < len(row_job):
+            j = row_job[start]
+            end = start
+            while end < len(row_job) and row_job[end] == j:
+                end += 1
+            picked = _draw(states[j], next_logits[start:end], row_sample[start:end], decode, step)
+            chosen[start:end] = picked
+            keep += [start + k for k, sample in enumerate(row_sample[start:end]) if sample in states[j].active]
+            start = end
+        if not keep:
             break
-        if len(keep) < len(active):
-            cache.batch_select_indices(torch.tensor(keep))
-            chosen = chosen[keep]
-            active = [active[r] for r in keep]
-        logits, cache = _decode_step(model, chosen[:, None], cache, kwarg)
+        if len(keep) < len(row_job):
+            select = torch.tensor(keep, device=device)
+            cache.batch_select_indices(select)
+            mask, next_pos, chosen = mask.index_select(0, select), next_pos.index_select(0, select), chosen[select]
+            row_job = [row_job[k] for k in keep]
+            row_sample = [row_sample[k] for k in keep]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if on_rows is not None:
+            on_rows(row_job)
+        logits, cache = _forward(model, chosen[:, None], mask if padded else None, next_pos, cache, kwarg)
+        next_pos = next_pos + 1
         next_logits = logits[:, -1].float()
+    return [_result(state) for state in states]
 
-    sequences = [SampledSequence(tokens=t, logprobs=lp, stop_reason=r,
-                                 topk_logprobs=k if topk_sample_logprobs else None)
-                 for t, lp, r, k in zip(tokens, logprobs, reasons, topk)]
+
+def _seed_of(params: SamplingParams) -> int:
+    return params.seed if params.seed is not None else secrets.randbits(63)
+
+
+def _start(job: SamplingJob, eos_token_ids: list[int], max_context: int, default_max_tokens: int) -> _JobState:
+    params = job.params
+    seed = _seed_of(params)
+    if params.seed is None:  # both generators must derive from the same seed
+        job.params = params = params.model_copy(update={"seed": seed})
+    max_tokens = max(0, min(params.max_tokens or default_max_tokens, max_context - len(job.prompt)))
+    stop = StopCriteria.from_params(params.stop, eos_token_ids)
+    n = job.num_samples
+    return _JobState(job=job, max_tokens=max_tokens, stop=stop, generator=_seeded(seed),
+                     tokens=[[] for _ in range(n)], logprobs=[[] for _ in range(n)], topk=[[] for _ in range(n)],
+                     reasons=["length"] * n, longest_stop=max((len(s) for s in stop.strings), default=0),
+                     active=list(range(n)) if max_tokens > 0 else [])
+
+
+def _draw(state: _JobState, logits: torch.Tensor, samples: list[int], decode, step: int) -> torch.Tensor:
+    """Choose the next token of a job's active rows; record tokens, logprobs and which rows finished."""
+    params = state.job.params
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    if params.temperature == 0:
+        chosen = torch.argmax(logits, dim=-1)
+    else:
+        probs = torch.softmax(_filter_logits(logits, params), dim=-1).cpu()
+        chosen = torch.multinomial(probs, 1, generator=state.generator)[:, 0].to(logits.device)
+    chosen_lp = (logits.gather(-1, chosen[:, None]) - lse)[:, 0].cpu().tolist()
+    k = state.job.topk_sample_logprobs
+    step_topk = _topk_lists((logits - lse).cpu(), k) if k else None
+    finished = set()
+    for row, (token, lp) in enumerate(zip(chosen.cpu().tolist(), chosen_lp)):
+        sample = samples[row]
+        state.tokens[sample].append(token)
+        state.logprobs[sample].append(lp)
+        if step_topk is not None:
+            state.topk[sample].append(step_topk[row])
+        done = token in state.stop.token_ids
+        if not done and state.stop.strings:
+            tail = decode(state.tokens[sample][-(state.longest_stop + 8):])
+            done = any(s in tail for s in state.stop.strings)
+        if done:
+            state.reasons[sample] = "stop"
+            finished.add(sample)
+        elif step >= state.max_tokens:
+            finished.add(sample)
+    state.active = [s for s in state.active if s not in finished]
+    return chosen
+
+
+def _result(state: _JobState) -> SampleResult:
+    job, scores = state.job, state.scores
+    k = job.topk_sample_logprobs
+    sequences = [SampledSequence(tokens=t, logprobs=lp, stop_reason=r, topk_logprobs=tk if k else None)
+                 for t, lp, r, tk in zip(state.tokens, state.logprobs, state.reasons, state.topk)]
     return SampleResult(
         sequences=sequences,
-        prompt_logprobs=scores.logprobs if include_prompt_logprobs else None,
-        topk_prompt_logprobs=scores.topk if topk_prompt_logprobs else None,
+        prompt_logprobs=scores.logprobs if job.include_prompt_logprobs else None,
+        topk_prompt_logprobs=scores.topk if job.topk_prompt_logprobs else None,
         target_prompt_logprobs=scores.targets,
         prompt_alt_tokens=scores.alt_tokens,
         prompt_alt_logprobs=scores.alt_logprobs,

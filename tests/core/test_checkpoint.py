@@ -29,10 +29,11 @@ SCHEDULE = LRSchedule(kind="cosine", warmup_steps=2, total_steps=10, min_lr_rati
 
 @pytest.fixture(scope="module")
 def new_engine(state_dir):
-    from twinkle.engine import Engine, EngineConfig
+    from tests.core.solo import Solo
+    from twinkle.backends import BackendConfig, make_training_backend
 
     def factory():
-        return Engine(EngineConfig(base_model="twinkle-tiny", state_dir=state_dir))
+        return Solo(make_training_backend(BackendConfig(base_model="twinkle-tiny", state_dir=state_dir)))
 
     return factory
 
@@ -177,8 +178,8 @@ def test_checkpoint_loads_with_plain_peft(trained, tiny_path):
     peft_model = PeftModel.from_pretrained(base, str(folder)).eval()
     with torch.no_grad():
         peft_logits = peft_model(input_ids=torch.tensor([ids])).logits[0].float()
-        with engine._activate("peft-check"):
-            engine_logits = engine._network(input_ids=torch.tensor([ids])).logits[0].float()
+        with engine.active("peft-check") as network:
+            engine_logits = network(input_ids=torch.tensor([ids])).logits[0].float()
         with peft_model.disable_adapter():
             base_logits = peft_model(input_ids=torch.tensor([ids])).logits[0].float()
     torch.testing.assert_close(peft_logits, engine_logits, rtol=0, atol=1e-5)

@@ -24,9 +24,10 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def engine(state_dir):
     """A shared engine; every test uses its own adapter ids (or a fresh engine when it needs one)."""
-    from twinkle.engine import Engine, EngineConfig
+    from tests.core.solo import Solo
+    from twinkle.backends import BackendConfig, make_training_backend
 
-    return Engine(EngineConfig(base_model="twinkle-tiny", state_dir=state_dir))
+    return Solo(make_training_backend(BackendConfig(base_model="twinkle-tiny", state_dir=state_dir)))
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +36,11 @@ def data(engine) -> list[Datum]:
 
 
 def _params(engine, adapter_id):
-    return engine.adapters[adapter_id].params
+    return engine.params(adapter_id)
 
 
 def _grads(engine, adapter_id) -> dict[str, torch.Tensor | None]:
-    return {n: (None if p.grad is None else p.grad.detach().clone()) for n, p in _params(engine, adapter_id)}
+    return engine.grads(adapter_id)
 
 
 def _clone_params(engine, adapter_id) -> dict[str, torch.Tensor]:
@@ -72,7 +73,7 @@ def test_adapters_are_independent(engine, data, make_engine):
 
     a_weights = engine.adapter_weights("iso-a")
     a_forward = engine.forward("iso-a", data)
-    a_optimizer = {(i, k): v.clone() for i, s in enumerate(engine.adapters["iso-a"].optimizer.state.values())
+    a_optimizer = {(i, k): v.clone() for i, s in enumerate(engine.optimizer("iso-a").state.values())
                    for k, v in s.items()}
     b_initial = engine.adapter_weights("iso-b")
 
@@ -83,7 +84,7 @@ def test_adapters_are_independent(engine, data, make_engine):
     assert _same_weights(engine.adapter_weights("iso-a"), a_weights)
     assert _same_forward(engine.forward("iso-a", data), a_forward)
     assert all(g is None for g in _grads(engine, "iso-a").values())
-    a_optimizer_after = {(i, k): v for i, s in enumerate(engine.adapters["iso-a"].optimizer.state.values())
+    a_optimizer_after = {(i, k): v for i, s in enumerate(engine.optimizer("iso-a").state.values())
                          for k, v in s.items()}
     assert a_optimizer.keys() == a_optimizer_after.keys()
     assert all(torch.equal(a_optimizer[k], a_optimizer_after[k]) for k in a_optimizer)
@@ -298,7 +299,7 @@ def test_lr_schedule(engine, data, name):
         metrics = engine.optim_step(adapter).metrics
         lrs.append(metrics["learning_rate"])
         assert metrics["step"] == step + 1
-        assert engine.adapters[adapter].optimizer.param_groups[0]["lr"] == pytest.approx(LR * factor, abs=1e-15)
+        assert engine.optimizer(adapter).param_groups[0]["lr"] == pytest.approx(LR * factor, abs=1e-15)
         if step == 0:  # Adam's first update moves each lora_B entry by ~lr (its gradient is non-zero)
             moved = max(float((p - before[n]).abs().max()) for n, p in _clone_params(engine, adapter).items())
             assert moved == pytest.approx(LR * factor, rel=1e-3)
@@ -342,7 +343,7 @@ def test_remove_and_recreate_adapters_returns_to_base(make_engine, data):
 
     engine.remove_adapter("a")
     engine.remove_adapter("b")
-    assert engine.adapters == {}
+    assert not engine.table.adapters
     assert not any("lora" in name for name, _ in engine.model.named_modules())
     assert _same_forward(engine.forward(None, data), base)
     assert not any(p.requires_grad for p in engine.model.parameters())

@@ -17,9 +17,10 @@ PROMPT_TEXT = "User: Hello!\nAssistant:"
 @pytest.fixture(scope="module")
 def engine(state_dir):
     """One engine with an adapter trained a little on the dialogue corpus (a peaked distribution)."""
-    from twinkle.engine import Engine, EngineConfig
+    from tests.core.solo import Solo
+    from twinkle.backends import BackendConfig, make_training_backend
 
-    engine = Engine(EngineConfig(base_model="twinkle-tiny", state_dir=state_dir))
+    engine = Solo(make_training_backend(BackendConfig(base_model="twinkle-tiny", state_dir=state_dir)))
     text = (CORPUS_DIR / "dialogues.txt").read_text()[:1200]
     data = [Datum.from_sequence(engine.tokenizer.encode(text[i:i + 300])) for i in range(0, 1200, 300)]
     engine.create_adapter(ADAPTER, LoraConfig(rank=8, seed=0), adam=AdamParams(learning_rate=2e-2))

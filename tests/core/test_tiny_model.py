@@ -69,11 +69,12 @@ def test_folder_loads_with_plain_transformers(tiny_folder, tokenizer):
 
 
 def test_engine_from_local_folder_matches_builtin_name(tiny_folder, state_dir):
-    from twinkle.engine import Engine, EngineConfig
+    from tests.core.solo import Solo
+    from twinkle.backends import BackendConfig, make_training_backend
     from twinkle.types import Datum
 
-    local = Engine(EngineConfig(base_model=str(tiny_folder)))
-    builtin = Engine("twinkle-tiny", state_dir=state_dir)
+    local = Solo(make_training_backend(BackendConfig(base_model=str(tiny_folder))))
+    builtin = Solo(make_training_backend(BackendConfig(base_model="twinkle-tiny", state_dir=state_dir)))
     assert local.model_path == str(tiny_folder.resolve())
     assert builtin.model_path != local.model_path
     assert local.info()["vocab_size"] == builtin.info()["vocab_size"]

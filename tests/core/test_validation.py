@@ -80,12 +80,11 @@ def _prepared_engine(make_engine, **overrides):
 
 
 def _snapshot(engine) -> dict:
-    state = engine.adapters[ADAPTER]
     return {
-        "adapters": sorted(engine.adapters),
+        "adapters": sorted(engine.table.adapters),
         "weights": engine.adapter_weights(ADAPTER),
-        "grads": {n: None if p.grad is None else p.grad.detach().clone() for n, p in state.params},
-        "optimizer": copy.deepcopy(state.optimizer.state_dict()),
+        "grads": engine.grads(ADAPTER),
+        "optimizer": copy.deepcopy(engine.optimizer(ADAPTER).state_dict()),
         "train_state": engine.train_state(ADAPTER).model_dump(),
     }
 

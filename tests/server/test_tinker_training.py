@@ -150,9 +150,10 @@ def memorised(service, tokenizer):
     tokens = prompt + answer
     datum = sft_datum(tokens, [0.0] * (len(prompt) - 1) + [1.0] * len(answer))
     client = new_training_client(service, seed=5)
-    adam = types.AdamParams(learning_rate=5e-3, beta2=0.999, eps=1e-8)
+    # lr 2e-3 memorises in 34-41 steps for every seed tried; 5e-3 oscillated (22-116 steps)
+    adam = types.AdamParams(learning_rate=2e-3, beta2=0.999, eps=1e-8)
     worst = []  # the lowest logprob of an answer token: above log(1/2) means greedy decoding gives it
-    for _ in range(60):
+    for _ in range(100):
         fb = client.forward_backward([datum], "cross_entropy")
         opt = client.optim_step(adam)
         worst.append(float(logprobs_of(fb.result())[0][-len(answer):].min()))
@@ -162,7 +163,7 @@ def memorised(service, tokenizer):
             if now.min() > -0.5:
                 break
     else:
-        pytest.fail(f"the datum was not memorised in 60 steps: {worst}")
+        pytest.fail(f"the datum was not memorised in 100 steps: {worst}")
     sampler = client.save_weights_and_get_sampling_client().result()
     return client, sampler, prompt, answer
 

@@ -16,7 +16,8 @@ class ActorGroup:
     def __init__(self, worker_cls: type, num_workers: int = 1, *, cpus_per_worker: float = 1.0,
                  gpus_per_worker: float = 0.0, strategy: str = "PACK", init_kwargs: dict | None = None,
                  name: str | None = None, namespace: str | None = None, detached: bool = False,
-                 ready_timeout_s: float = 120.0, runtime_env: dict | None = None) -> None:
+                 ready_timeout_s: float = 120.0, runtime_env: dict | None = None,
+                 max_concurrency: int = 1) -> None:
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -39,7 +40,7 @@ class ActorGroup:
         self.actors = []
         try:
             self._start_actors(ray, worker_cls, num_workers, cpus_per_worker, gpus_per_worker, name, namespace,
-                               detached, runtime_env, init_kwargs, PlacementGroupSchedulingStrategy)
+                               detached, runtime_env, init_kwargs, PlacementGroupSchedulingStrategy, max_concurrency)
             if num_workers > 1 and hasattr(worker_cls, "init_distributed"):
                 self._setup_distributed()
         except BaseException:
@@ -47,12 +48,13 @@ class ActorGroup:
             raise
 
     def _start_actors(self, ray, worker_cls, num_workers, cpus_per_worker, gpus_per_worker, name, namespace,
-                      detached, runtime_env, init_kwargs, strategy_cls) -> None:
+                      detached, runtime_env, init_kwargs, strategy_cls, max_concurrency) -> None:
         remote_cls = ray.remote(worker_cls)
         for rank in range(num_workers):
             options: dict[str, Any] = dict(
                 num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
                 scheduling_strategy=strategy_cls(self.placement_group, placement_group_bundle_index=rank),
+                max_concurrency=max_concurrency,
             )
             if name:
                 options["name"] = f"{name}-rank{rank}"

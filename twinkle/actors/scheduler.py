@@ -1,115 +1,109 @@
 """The per-base-model scheduler: a Ray actor that owns one model's workers and the order of work.
 
-Requests of a training model run in `seq_id` order (clients may send them out of order, e.g. the
-Tinker SDK sends a batch's first chunk last); a seq_id that never arrives is skipped after a grace
-period. Work runs one item at a time on a dedicated thread through `ModelService`, the same code
-as local mode, while the actor's event loop keeps accepting and queueing new requests, so the next
-request starts the moment the worker is free. Finished results wake waiting long polls at once
-(push, never poll) and are written to the store, so they survive a restart of the HTTP layer.
+It composes parts with one job each:
+- `ordering.SeqOrdering` releases each model's requests in seq_id order;
+- `lanes.TrainLane` gathers the released forward passes of all tenants into shared passes, and
+  `lanes.SampleLane` batches sampling beside it, each on its own thread, fairly by tokens;
+- `bookkeeping` declares what the store learns from each method's result;
+- this class admits requests (exactly once, within each tenant's quota), runs batches through
+  `ModelService` (the same code as local mode), wakes waiting long polls the moment a result is in
+  (push, never poll) and stores results, so they survive a restart of the HTTP layer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
 import logging
 import shutil
+import threading
 import time
 import traceback
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from collections import Counter, OrderedDict, deque
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from twinkle import wire
-from twinkle.api.service import SNAPSHOT_PREFIX
-from twinkle.checkpoint import folder_size
-from twinkle.config import ModelConfig, TimeoutsConfig
-from twinkle.errors import TwinkleError
-from twinkle.paths import safe_join
+from twinkle import layout, wire
+from twinkle.actors import bookkeeping
+from twinkle.actors.lanes import Batch, SampleLane, TrainLane
+from twinkle.actors.ordering import SeqOrdering
+from twinkle.actors.work import STEP_METHODS, WorkItem
+from twinkle.api.service import Work
+from twinkle.config import ModelConfig, QuotasConfig, TimeoutsConfig
+from twinkle.errors import QuotaExceededError, TwinkleError
+from twinkle.ids import is_adhoc_sampler
 from twinkle.store import Store
 from twinkle.tiny import BUILTIN_MODELS
 from twinkle.tiny.build import publish_to_hub_cache
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class WorkItem:
-    """One request for the scheduler. `ordered` items of a target run in seq_id order."""
-
-    request_id: str
-    tenant: str
-    method: str
-    target_id: str | None
-    args: Any
-    seq_id: int | None = None
-    ordered: bool = False
-    record: dict = field(default_factory=dict)  # bookkeeping written to the store on success
-
-
-@dataclass
-class _TargetQueue:
-    next_seq: int = 0
-    buffer: dict[int, WorkItem] = field(default_factory=dict)
-    skipped: set[int] = field(default_factory=set)
-    waiting_since: float | None = None
-
-
-def tenant_dir(tenant: str) -> str:
-    return "t-" + hashlib.sha256(tenant.encode()).hexdigest()[:16]
-
-
-def run_dir_name(model_id: str) -> str:
-    return "run-" + hashlib.sha256(model_id.encode()).hexdigest()[:20]
+Outcome = tuple[str, Any]  # ("done", payload) | ("failed", error dict)
+TOUCH_EVERY_S = 5.0  # how often a model's last_request_time is written while it is busy
 
 
 class ModelScheduler:
     """Ray actor (async). Create with `spawn_scheduler`; look up with `scheduler_name`."""
 
-    def __init__(self, model: dict, state_dir: str, timeouts: dict, trust_remote_code: bool = False) -> None:
+    def __init__(self, model: dict, state_dir: str, timeouts: dict, trust_remote_code: bool = False,
+                 quotas: dict | None = None) -> None:
         logging.basicConfig(level=logging.INFO)
         self.model = ModelConfig.model_validate(model)
         self.timeouts = TimeoutsConfig.model_validate(timeouts)
+        self.quotas = QuotasConfig.model_validate(quotas or {})
         self.state_dir = Path(state_dir)
-        self.store = Store(self.state_dir / "twinkle.db")
+        self.store = Store(self.state_dir / layout.STORE_FILE)
         self.trust_remote_code = trust_remote_code
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="scheduler")
+        self._threads = {lane: concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=lane)
+                         for lane in ("train", "sample")}
         self._service = None
         self._group = None
-        self._queues: dict[str, _TargetQueue] = {}
-        self._ready: asyncio.Queue | None = None
+        self._engine_lock = threading.Lock()
+        self._engine_users = 0
         self._waiters: dict[str, list[asyncio.Future]] = {}
-        self._results: OrderedDict[str, tuple[str, Any]] = OrderedDict()
+        self._results: OrderedDict[str, Outcome] = OrderedDict()
         self._paths: dict[str, tuple[str, str]] = {}  # model_id -> (tenant, run_dir)
         self._last_used: dict[str, float] = {}
+        self._last_touch: dict[str, float] = {}
         self._last_activity = time.time()
-        self._busy = False
+        self._known: OrderedDict[str, None] = OrderedDict()  # request ids accepted (dedupe)
+        self._queued: Counter[str] = Counter()  # tenant -> requests accepted and not yet resolved
         self._tasks: list[asyncio.Task] = []
         self._started = False
-        self._known: OrderedDict[str, None] = OrderedDict()  # request ids accepted (dedupe)
         self._published = False
-        self._timings: dict[str, deque] = {}  # recent execution times per method, for stats()
+        self._timings: dict[str, deque] = {}  # recent execution times per batch kind, for stats()
+        self._pass_sizes: deque = deque(maxlen=1000)  # (requests, models) of recent training passes
+        self._counters: Counter[str] = Counter()
+        self._ordering: SeqOrdering | None = None
+        self._train: TrainLane | None = None
+        self._sample: SampleLane | None = None
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> dict:
-        """Start the loops (and the workers if `preload`); returns the model's engine info."""
+        """Start the lanes (and the workers if `preload`); returns the model's info."""
+        loop = asyncio.get_running_loop()
         if not self._started:
             self._started = True
-            self._ready = asyncio.Queue()
-            loop = asyncio.get_running_loop()
-            self._tasks = [loop.create_task(self._run_loop()), loop.create_task(self._sweep_loop())]
-            await loop.run_in_executor(self._pool, self._make_service)
+            time_sliced = self.model.batching == "time_sliced"
+            self._train = TrainLane(self._executor("train"), self._resolve_item, budget=self.model.pass_tokens,
+                                    max_models=self.model.max_adapters, time_sliced=time_sliced)
+            self._sample = SampleLane(self._executor("sample"), self._resolve_item, budget=self.model.sample_tokens,
+                                      time_sliced=time_sliced)
+            self._ordering = SeqOrdering(self.timeouts.seq_gap_s, self._release)
+            self._tasks = [loop.create_task(self._train.run_forever()), loop.create_task(self._sample.run_forever()),
+                           loop.create_task(self._sweep_loop())]
+            await loop.run_in_executor(self._threads["train"], self._make_service)
         if self.model.preload:
-            await asyncio.get_running_loop().run_in_executor(self._pool, self._ensure_engine)
+            await loop.run_in_executor(self._threads["train"], self._preload)
         return await self.info()
 
     async def info(self) -> dict:
-        info = dict(self._service.engine_info) if self._service and self._service.engine_info else {}
+        info = dict(self._service.model_info) if self._service and self._service.model_info else {}
         if not info:
-            info = await asyncio.get_running_loop().run_in_executor(self._pool, self._static_info)
+            info = await asyncio.get_running_loop().run_in_executor(self._threads["train"], self._static_info)
         info.update(name=self.model.name, running=self._group is not None)
+        if self.model.max_context_length:
+            info["max_context"] = self.model.max_context_length
         if not self._published and self.model.source in BUILTIN_MODELS:
             self._published = True  # clients on this machine find the tokenizer by model name
             await asyncio.get_running_loop().run_in_executor(None, publish_to_hub_cache, self.model.source,
@@ -125,7 +119,7 @@ class ModelScheduler:
         path = resolve_model_path(self.model.source, str(self.state_dir))
         cfg = AutoConfig.from_pretrained(path)
         return {"base_model": self.model.source, "model_path": path, "vocab_size": int(cfg.vocab_size),
-                "max_context": int(self.model.max_context_length or getattr(cfg, "max_position_embeddings", 2048)),
+                "max_context": int(getattr(cfg, "max_position_embeddings", 2048)),
                 "arch": (cfg.architectures or ["?"])[0], "max_lora_rank": self.model.max_lora_rank}
 
     def _make_service(self) -> None:
@@ -134,54 +128,73 @@ class ModelScheduler:
         self._service = ModelService(
             self.model.name, None, self._checkpoint_path, offload_path=self._offload_path,
             allow_custom_loss=self.trust_remote_code, max_sampler_adapters=self.model.sampler.max_loaded_adapters,
-            max_resident_models=self.model.max_adapters)
+            max_resident_models=self.model.max_adapters,
+            max_resident_per_tenant=lambda tenant: self.quotas.of(tenant).max_resident_adapters)
+
+    @contextmanager
+    def _using_engine(self):
+        """Run with the workers started (first use, or after scaling to zero); they stay while in use."""
+        with self._engine_lock:
+            self._ensure_engine()
+            self._engine_users += 1
+        try:
+            yield
+        finally:
+            with self._engine_lock:
+                self._engine_users -= 1
+
+    def _preload(self) -> None:
+        with self._using_engine():
+            pass
 
     def _ensure_engine(self) -> None:
-        """Start the worker group if it is not running (first use, or after scaling to zero)."""
-        if self._service.engine is not None:
+        if self._service.backend is not None:
             return
-        from twinkle.actors.engine_proxy import RayEngine
         from twinkle.actors.group import ActorGroup
-        from twinkle.actors.workers import TrainWorker
-        from twinkle.engine import EngineConfig
+        from twinkle.actors.remote_backend import RayBackend
+        from twinkle.actors.workers import WORKER_THREADS, BackendWorker
+        from twinkle.backends.base import BackendConfig
 
         cfg = self.model
-        engine_config = EngineConfig(
-            base_model=cfg.source, state_dir=str(self.state_dir), dtype=cfg.dtype, device=cfg.device,
-            max_lora_rank=cfg.max_lora_rank, max_adapters=cfg.max_adapters + cfg.sampler.max_loaded_adapters + 1,
+        config = BackendConfig(
+            base_model=cfg.source, backend=cfg.backend, state_dir=str(self.state_dir), dtype=cfg.dtype,
+            device=cfg.device, max_lora_rank=cfg.max_lora_rank,
+            max_adapters=cfg.max_adapters + cfg.sampler.max_loaded_adapters,
             micro_batch_tokens=cfg.micro_batch_tokens, num_threads=cfg.num_threads)
         started = time.time()
-        self._group = ActorGroup(TrainWorker, cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
+        self._group = ActorGroup(BackendWorker, cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
                                  gpus_per_worker=cfg.gpus_per_worker, strategy=cfg.placement_strategy,
-                                 init_kwargs={"engine_config": engine_config})
-        engine = RayEngine(self._group)
+                                 init_kwargs={"config": config}, max_concurrency=WORKER_THREADS)
+        backend = RayBackend(self._group)
         if cfg.max_context_length:
-            engine._info["max_context"] = cfg.max_context_length
-        self._service.attach_engine(engine)
+            backend._info["max_context"] = cfg.max_context_length
+        self._service.attach_backend(backend)
         log.info("%s: %d worker(s) ready in %.1fs", cfg.name, cfg.num_workers, time.time() - started)
 
-    def _release_engine(self) -> None:
-        engine = self._service.detach_engine()
-        if engine is not None:
-            engine.shutdown()
-        self._group = None
+    def _release_engine_if_idle(self) -> None:
+        with self._engine_lock:
+            if self._engine_users or self._service.backend is None:
+                return
+            backend = self._service.detach_backend()
+            backend.shutdown()
+            self._group = None
         log.info("%s: released its workers (scale to zero)", self.model.name)
 
     async def shutdown(self) -> None:
         for task in self._tasks:
             task.cancel()
         if self._service is not None and self._group is not None:
-            await asyncio.get_running_loop().run_in_executor(self._pool, self._group.shutdown)
+            await asyncio.get_running_loop().run_in_executor(None, self._group.shutdown)
             self._group = None
 
     # ---------------------------------------------------------------- paths
     def _checkpoint_path(self, model_id: str, kind: str, name: str) -> Path:
         tenant, run_dir = self._paths_of(model_id)
-        return safe_join(self.state_dir / "checkpoints", tenant_dir(tenant), run_dir, kind, name)
+        return layout.checkpoint_folder(self.state_dir, tenant, run_dir, kind, name)
 
     def _offload_path(self, model_id: str) -> Path:
         tenant, run_dir = self._paths_of(model_id)
-        return safe_join(self.state_dir / "offload", tenant_dir(tenant), run_dir)
+        return layout.offload_folder(self.state_dir, tenant, run_dir)
 
     def _paths_of(self, model_id: str) -> tuple[str, str]:
         if model_id not in self._paths:
@@ -192,54 +205,45 @@ class ModelScheduler:
         return self._paths[model_id]
 
     # ------------------------------------------------------------ requests
-    async def submit(self, item: WorkItem) -> None:
+    async def submit(self, item: WorkItem) -> dict | None:
         """Queue a request; its result arrives through `wait` and the store.
 
         Submitting the same request_id again (a client retry) is a no-op: it never runs twice.
+        Returns an error dict (and queues nothing) when the tenant's quota of queued requests is full.
         """
         if item.request_id in self._known:
-            return
+            return None
+        limit = self.quotas.of(item.tenant).max_queued_requests
+        if self._queued[item.tenant] >= limit:
+            error = QuotaExceededError(f"you have {limit} requests queued on {self.model.name}, this server's "
+                                       "limit per tenant; wait for results before sending more", field="quota")
+            return {**error.to_dict(), "status_code": error.status_code}
         self._known[item.request_id] = None
         while len(self._known) > 100_000:
             self._known.popitem(last=False)
+        self._queued[item.tenant] += 1
         self._last_activity = time.time()
         if item.method in ("create_model", "create_model_from_checkpoint"):
             self._paths[item.target_id] = (item.tenant, item.record["run_dir"])
-        if not item.ordered or item.seq_id is None:
-            self._ready.put_nowait(item)
-            return
-        queue = self._queues.setdefault(item.target_id, _TargetQueue())
-        if item.seq_id < queue.next_seq:  # arrived after its gap was skipped: run it now
-            self._ready.put_nowait(item)
-            return
-        queue.buffer[item.seq_id] = item
-        self._drain(queue)
+        self._ordering.add(item)
+        return None
+
+    def _release(self, item: WorkItem) -> None:
+        (self._sample if item.lane == "sample" else self._train).push(item)
 
     async def skip(self, target_id: str, seq_id: int) -> None:
         """A request with this seq_id was rejected before reaching us: do not wait for it."""
-        queue = self._queues.setdefault(target_id, _TargetQueue())
-        if seq_id >= queue.next_seq:
-            queue.skipped.add(seq_id)
-            self._drain(queue)
+        self._ordering.skip(target_id, seq_id)
 
-    def _drain(self, queue: _TargetQueue) -> None:
-        while True:
-            if queue.next_seq in queue.buffer:
-                self._ready.put_nowait(queue.buffer.pop(queue.next_seq))
-            elif queue.next_seq in queue.skipped:
-                queue.skipped.discard(queue.next_seq)
-            else:
-                break
-            queue.next_seq += 1
-        queue.waiting_since = time.time() if queue.buffer else None
-
-    async def call(self, item: WorkItem, timeout: float | None = None) -> tuple[str, Any]:
+    async def call(self, item: WorkItem, timeout: float | None = None) -> Outcome:
         """Submit and wait for the outcome: ("done", payload) or ("failed", error dict)."""
-        await self.submit(item)
+        rejected = await self.submit(item)
+        if rejected is not None:
+            return "failed", rejected
         outcome = await self.wait(item.request_id, timeout)
         return outcome if outcome is not None else ("pending", None)
 
-    async def wait(self, request_id: str, timeout: float | None) -> tuple[str, Any] | None:
+    async def wait(self, request_id: str, timeout: float | None) -> Outcome | None:
         """The outcome of a request, waiting up to `timeout` seconds; None if still running.
 
         ("unknown", None) means this scheduler never received the request (it was restarted).
@@ -261,79 +265,89 @@ class ModelScheduler:
                 if not waiters:
                     del self._waiters[request_id]
 
-    def _resolve(self, request_id: str, outcome: tuple[str, Any]) -> None:
-        self._results[request_id] = outcome
+    def _resolve_item(self, item: WorkItem, outcome: Outcome) -> None:
+        self._queued[item.tenant] -= 1
+        if self._queued[item.tenant] <= 0:
+            del self._queued[item.tenant]
+        self._results[item.request_id] = outcome
         while len(self._results) > 4096:
             self._results.popitem(last=False)
-        for future in self._waiters.pop(request_id, []):
+        for future in self._waiters.pop(item.request_id, []):
             if not future.done():
                 future.set_result(outcome)
+        asyncio.get_running_loop().run_in_executor(None, self._persist, item, outcome)
 
-    # ------------------------------------------------------------ execution
-    async def _run_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            item = await self._ready.get()
-            self._busy = True
-            try:
-                outcome = await loop.run_in_executor(self._pool, self._execute, item)
-            finally:
-                self._busy = False
-            self._resolve(item.request_id, outcome)
-            loop.run_in_executor(None, self._persist, item.request_id, outcome)
-
-    def _execute(self, item: WorkItem) -> tuple[str, Any]:
-        started = time.perf_counter()
-        try:
-            return self._run_item(item)
-        finally:
-            self._timings.setdefault(item.method, deque(maxlen=200)).append(time.perf_counter() - started)
-
-    def _run_item(self, item: WorkItem) -> tuple[str, Any]:
-        try:
-            self._ensure_engine()
-            if item.target_id and item.target_id in self._service.models:
-                self._last_used[item.target_id] = time.time()
-            result = self._service.call(item.method, item.target_id, item.args)
-            self._record(item, result)
-            return "done", (result.model_dump() if hasattr(result, "model_dump") else result)
-        except Exception as exc:  # every failure becomes a failed future with a clear message
-            return "failed", _error_dict(exc, item)
-
-    def _persist(self, request_id: str, outcome: tuple[str, Any]) -> None:
+    def _persist(self, item: WorkItem, outcome: Outcome) -> None:
         status, payload = outcome
         try:
             if status == "done":
-                self.store.complete_future(request_id, wire.dumps(payload))
+                self.store.complete_future(item.request_id, wire.dumps(payload))
             else:
-                self.store.fail_future(request_id, payload)
+                self.store.fail_future(item.request_id, payload)
+            now = time.time()
+            if item.target_id in self._paths and now - self._last_touch.get(item.target_id, 0.0) > TOUCH_EVERY_S:
+                self._last_touch[item.target_id] = now
+                self.store.touch_model(item.target_id)
         except Exception:
-            log.exception("could not store the result of %s", request_id)
+            log.exception("could not store the result of %s", item.request_id)
 
-    def _record(self, item: WorkItem, result) -> None:
-        """Store bookkeeping for requests that create things clients will look up next."""
-        rec = item.record
-        if item.method in ("create_model", "create_model_from_checkpoint"):
-            self.store.create_model(item.target_id, item.tenant, session_id=rec.get("session_id"),
-                                    base_model=self.model.name, lora=result.lora.model_dump(),
-                                    run_dir=rec["run_dir"], user_metadata=rec.get("user_metadata"))
-        elif item.method == "save":
-            kind = "training" if item.args.kind == "weights" else "sampler"
-            self.store.add_checkpoint(item.target_id, f"{item.args.kind}/{item.args.name}", item.tenant, kind=kind,
-                                      folder=result.path, size_bytes=folder_size(result.path),
-                                      ttl_seconds=rec.get("ttl_seconds"), user_metadata=rec.get("user_metadata"))
-        elif item.method in ("create_sampler", "create_sampler_from_model"):
-            self.store.create_sampler(result.sampler_id, item.tenant, session_id=rec.get("session_id"),
-                                      base_model=self.model.name, model_path=rec.get("tinker_path"),
-                                      folder=result.model_path)
-            if item.method == "create_sampler_from_model" and item.args.name is not None:
-                # a named snapshot is a sampler checkpoint like any other
-                self.store.add_checkpoint(item.target_id, f"sampler_weights/{item.args.name}", item.tenant,
-                                          kind="sampler", folder=result.model_path,
-                                          size_bytes=folder_size(result.model_path))
-        elif item.method == "close_model":
-            self.store.set_model_status(item.target_id, "unloaded")
-            self._last_used.pop(item.target_id, None)
+    # ------------------------------------------------------------ execution
+    def _executor(self, lane: str):
+        async def execute(batch: Batch) -> dict[str, Outcome]:
+            return await asyncio.get_running_loop().run_in_executor(self._threads[lane], self._run_batch, batch)
+        return execute
+
+    def _run_batch(self, batch: Batch) -> dict[str, Outcome]:
+        """Run a lane's batch on that lane's thread; one outcome per request, failures included."""
+        started = time.perf_counter()
+        try:
+            with self._using_engine():
+                results = self._results_of(batch)
+        except Exception as exc:  # the workers could not start or died: every request of the batch fails
+            results = {item.request_id: exc for item in batch.items}
+        outcomes = {}
+        for item in batch.items:
+            result = results[item.request_id]
+            if isinstance(result, BaseException):
+                outcomes[item.request_id] = ("failed", _error_dict(result, item))
+                continue
+            try:
+                bookkeeping.record(self.store, item, result, self.model.name)
+            except Exception as exc:
+                outcomes[item.request_id] = ("failed", _error_dict(exc, item))
+                continue
+            outcomes[item.request_id] = ("done", result.model_dump() if hasattr(result, "model_dump") else result)
+        self._timings.setdefault(batch.kind, deque(maxlen=200)).append(time.perf_counter() - started)
+        return outcomes
+
+    def _results_of(self, batch: Batch) -> dict[str, object]:
+        service = self._service
+        now = time.time()
+        for item in batch.items:
+            if item.target_id in service.models:
+                self._last_used[item.target_id] = now
+        work = {item.request_id: Work(item.request_id, item.target_id, item.args, item.method) for item in batch.items}
+        if batch.kind == "pass":
+            self._pass_sizes.append((len(batch.items), len({i.target_id for i in batch.items})))
+            return service.run_forward(list(work.values()))
+        if batch.kind == "sample":
+            self._counters["sample_batches"] += 1
+            self._counters["sample_requests"] += len(batch.items)
+            results = service.run_samples(list(work.values()))
+            for item in batch.items:
+                if is_adhoc_sampler(item.target_id):  # an old SDK's one-request sampler
+                    service.release_sampler(item.target_id)
+            return results
+        steps = [work[i.request_id] for i in batch.items if i.method in STEP_METHODS]
+        results = service.run_steps(steps) if steps else {}
+        for item in batch.items:
+            if item.method in STEP_METHODS:
+                continue
+            try:
+                results[item.request_id] = service.call(item.method, item.target_id, item.args, item.tenant)
+            except Exception as exc:
+                results[item.request_id] = exc
+        return results
 
     # ----------------------------------------------------- idle management
     async def _sweep_loop(self) -> None:
@@ -341,43 +355,34 @@ class ModelScheduler:
         while True:
             await asyncio.sleep(self.timeouts.sweep_interval_s)
             try:
-                self._skip_stale_gaps()
-                if not self._busy and self._ready.empty():
-                    await loop.run_in_executor(self._pool, self._sweep_idle)
+                if self._train.idle() and self._sample.idle():
+                    await loop.run_in_executor(self._threads["train"], self._sweep_idle)
             except Exception:
                 log.exception("sweep failed")
 
-    def _skip_stale_gaps(self) -> None:
-        now = time.time()
-        for target_id, queue in self._queues.items():
-            if queue.buffer and queue.waiting_since and now - queue.waiting_since > self.timeouts.seq_gap_s:
-                log.warning("%s: seq_id %d never arrived; continuing with %d", target_id, queue.next_seq,
-                            min(queue.buffer))
-                queue.next_seq = min(queue.buffer)
-                self._drain(queue)
-
     def _sweep_idle(self) -> None:
-        if self._service is None or self._service.engine is None:
+        service = self._service
+        if service is None or service.backend is None:
             return
         now = time.time()
-        for model_id in self._service.resident_models:
+        for model_id in service.resident_models:
             if now - self._last_used.get(model_id, now) > self.timeouts.adapter_idle_s:
-                self._service.offload(model_id)
+                service.offload(model_id)
                 self.store.set_model_status(model_id, "offloaded")
                 log.info("%s: offloaded idle model %s", self.model.name, model_id)
-        if not self._service.resident_models and now - self._last_activity > self.timeouts.model_idle_release_s:
-            self._release_engine()
+        if not service.resident_models and now - self._last_activity > self.timeouts.model_idle_release_s:
+            self._release_engine_if_idle()
 
     async def end_session(self, model_ids: list[str]) -> None:
         """Their session ended: offload these models (they come back on their next request) and
         delete their unnamed sampler snapshots, which only that session's sampling clients used."""
         def work():
             for model_id in model_ids:
-                if self._service is not None and self._service.engine is not None:
+                if self._service is not None and self._service.backend is not None:
                     self._service.offload(model_id)
                     self.store.set_model_status(model_id, "offloaded")
                 self._delete_snapshots(model_id)
-        await asyncio.get_running_loop().run_in_executor(self._pool, work)
+        await asyncio.get_running_loop().run_in_executor(self._threads["train"], work)
 
     def _delete_snapshots(self, model_id: str) -> None:
         if self._service is not None:
@@ -387,23 +392,39 @@ class ModelScheduler:
             tenant, run_dir = self._paths_of(model_id)
         except TwinkleError:
             return
-        folder = safe_join(self.state_dir / "checkpoints", tenant_dir(tenant), run_dir, "sampler_weights")
+        folder = layout.sampler_weights_folder(self.state_dir, tenant, run_dir)
         checkpoints, _ = self.store.list_checkpoints(tenant, model_id)
         named = {c["checkpoint_id"].split("/", 1)[1] for c in checkpoints
                  if c["checkpoint_id"].startswith("sampler_weights/")}
-        for path in folder.glob(f"{SNAPSHOT_PREFIX}*"):
+        for path in folder.glob(f"{layout.SNAPSHOT_PREFIX}*"):
             if path.name not in named and path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
 
-    async def stats(self) -> dict:
+    async def stats(self, tenant: str | None = None) -> dict:
+        """Queues, residency and batching figures; the ids listed are `tenant`'s own only."""
+        service = self._service
+        passes = list(self._pass_sizes)
+
+        def own(model_id: str) -> bool:
+            return tenant is not None and self._paths.get(model_id, ("",))[0] == tenant
+
         return {
             "name": self.model.name,
             "running": self._group is not None,
-            "queued": self._ready.qsize() if self._ready else 0,
-            "busy": self._busy,
-            "resident_models": self._service.resident_models if self._service else [],
-            "waiting_for_seq": {t: q.next_seq for t, q in self._queues.items() if q.buffer},
-            "execute_ms_p50": {m: round(1000 * sorted(d)[len(d) // 2], 2) for m, d in self._timings.items() if d},
+            "queued": (self._train.queued() + self._sample.queued()) if self._train else 0,
+            "busy": bool(self._train and (self._train.busy or self._sample.busy)),
+            "resident": len(service.resident_models) if service else 0,
+            "resident_models": [m for m in service.resident_models if own(m)] if service else [],
+            "waiting_for_seq": {t: s for t, s in self._ordering.waiting().items() if own(t)} if self._ordering else {},
+            "offloads": service.offloads if service else 0,
+            "restores": service.restores if service else 0,
+            "train_passes": len(passes),
+            "train_pass_requests": sum(n for n, _ in passes),
+            "shared_train_passes": sum(1 for _, m in passes if m > 1),
+            "max_models_per_pass": max((m for _, m in passes), default=0),
+            "sample_batches": self._counters["sample_batches"],
+            "sample_requests": self._counters["sample_requests"],
+            "execute_ms_p50": {k: round(1000 * sorted(d)[len(d) // 2], 2) for k, d in self._timings.items() if d},
         }
 
 
@@ -425,7 +446,7 @@ def scheduler_name(model_name: str) -> str:
 
 
 def spawn_scheduler(model: ModelConfig, state_dir: str, timeouts: TimeoutsConfig, *, trust_remote_code: bool,
-                    namespace: str):
+                    namespace: str, quotas: QuotasConfig | None = None):
     """Create the named, detached scheduler actor of a model on this node (next to the store)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -436,4 +457,5 @@ def spawn_scheduler(model: ModelConfig, state_dir: str, timeouts: TimeoutsConfig
         name=scheduler_name(model.name), namespace=namespace, lifetime="detached", num_cpus=0,
         max_concurrency=100_000, get_if_exists=True,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
-    ).remote(model.model_dump(), state_dir, timeouts.model_dump(), trust_remote_code)
+    ).remote(model.model_dump(), state_dir, timeouts.model_dump(), trust_remote_code,
+             (quotas or QuotasConfig()).model_dump())

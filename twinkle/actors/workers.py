@@ -1,8 +1,9 @@
-"""Worker classes that live in Ray actors and wrap the core engine.
+"""The worker that lives in a Ray actor and holds a backend: one rank of a model's actor group.
 
-`TrainWorker` holds the base model with its tenants' adapters and runs training (data-parallel
-across the ranks of its group when there are several). `SampleWorker` holds a base model for
-sampling only and loads adapters from checkpoint folders on demand.
+`BackendWorker` builds its backend with the same factory as local mode and runs the backend's
+entry points by name. It is a threaded actor with two threads, so the scheduler's sampling lane
+runs beside a long training pass. With several ranks it is data-parallel: each rank computes a
+shard, and gradients are summed across ranks (gloo on CPU, NCCL on GPU) before every step.
 """
 
 from __future__ import annotations
@@ -11,47 +12,49 @@ import os
 import socket
 from dataclasses import replace
 
-from twinkle.engine import Engine, EngineConfig
+from twinkle.backends.base import BackendConfig, SamplingBackend, TrainingBackend
+from twinkle.backends.factory import make_training_backend
 from twinkle.errors import TwinkleError
 
+# What the scheduler may call on a worker: the backends' interfaces (plus read-only inspection).
+CALLABLE = frozenset(
+    name for cls in (TrainingBackend, SamplingBackend) for name in dir(cls) if not name.startswith("_")
+) | {"adapter_weights", "stats"}
+WORKER_THREADS = 2  # one for the train lane, one for the sample lane
 
-def _worker_threads(config: EngineConfig) -> EngineConfig:
+
+def _worker_threads(config: BackendConfig) -> BackendConfig:
     """The worker owns its cores: use the configured thread count, else every core of the node.
 
     Ray sets OMP_NUM_THREADS=1 for one-CPU actors; bundles here are slots, not cores, so the
-    default follows the in-process engine and results match local mode exactly.
+    default follows the in-process backend and results match local mode exactly.
     """
     if config.num_threads:
         return config
     return replace(config, num_threads=os.cpu_count() or 1)
 
 
-class _EngineWorker:
-    def __init__(self, rank: int, world_size: int, engine_config: EngineConfig) -> None:
-        import torch
+class BackendWorker:
+    """One rank: a backend built from `config` (CUDA when `device` is auto and the bundle has a GPU)."""
 
+    def __init__(self, rank: int, world_size: int, config: BackendConfig) -> None:
         self.rank = rank
         self.world_size = world_size
-        config = _worker_threads(engine_config)
-        if config.device == "auto":
-            config = replace(config, device="cuda" if torch.cuda.is_available() else "cpu")
-        self.engine = Engine(config)
+        self.backend = make_training_backend(_worker_threads(config))
 
     def ready(self) -> dict:
-        return {"rank": self.rank, "pid": os.getpid(), **self.engine.info()}
+        return {"rank": self.rank, "pid": os.getpid(), **self.backend.info()}
 
     def call(self, method: str, *args, **kwargs):
-        """Run an engine method by name; Twinkle errors travel back as themselves."""
+        """Run a backend method by name; Twinkle errors travel back as themselves."""
+        if method not in CALLABLE:
+            raise TwinkleError(f"workers do not run {method!r}")
         try:
-            return getattr(self.engine, method)(*args, **kwargs)
+            return getattr(self.backend, method)(*args, **kwargs)
         except TwinkleError:
             raise
         except Exception as exc:
             raise RuntimeError(f"{method} failed on rank {self.rank}: {type(exc).__name__}: {exc}") from None
-
-
-class TrainWorker(_EngineWorker):
-    """One rank of a training group: an `Engine`, plus gradient all-reduce across ranks."""
 
     def distributed_address(self) -> str:
         with socket.socket() as sock:
@@ -63,22 +66,14 @@ class TrainWorker(_EngineWorker):
         import torch
         import torch.distributed as dist
 
-        backend = "nccl" if torch.cuda.is_available() and self.engine.config.device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend, init_method=address, rank=self.rank, world_size=self.world_size)
+        on_gpu = torch.cuda.is_available() and self.backend.info().get("device", "cpu").startswith("cuda")
+        dist.init_process_group("nccl" if on_gpu else "gloo", init_method=address, rank=self.rank,
+                                world_size=self.world_size)
 
-    def optim_step(self, adapter_id: str, adam=None):
-        """All-reduce (sum) the adapter's gradients across ranks, then step on every rank."""
+    def optim_step(self, requests):
+        """Sum the adapters' gradients across ranks, then step on every rank."""
         if self.world_size > 1:
-            import torch
             import torch.distributed as dist
 
-            state = self.engine.adapters[adapter_id]
-            for _, param in state.params:
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-                dist.all_reduce(param.grad)
-        return self.call("optim_step", adapter_id, adam)
-
-
-class SampleWorker(_EngineWorker):
-    """A sampling replica of a base model; adapters come from checkpoint folders (see ModelService)."""
+            self.backend.sync_gradients([r.adapter_id for r in requests], dist.all_reduce)
+        return self.call("optim_step", requests)

@@ -1,60 +1,20 @@
-"""The process-wide default backend that API objects use when none is passed."""
+"""The process-wide default backend that API objects use when none is passed: a plain registry.
+
+`twinkle.init` (in `twinkle.api.modes`) decides which backend to build; the clients install theirs
+with `set_backend`. Nothing here imports a transport.
+"""
 
 from __future__ import annotations
 
 import atexit
-import os
 import threading
 
 _lock = threading.Lock()
 _backend = None
 
 
-def init(mode: str = "local", *, state_dir: str | os.PathLike | None = None, address: str | None = None,
-         num_workers: int = 1, engine_options: dict | None = None, allow_custom_loss: bool = True,
-         api_key: str | None = None):
-    """Choose where Twinkle's API runs for this process.
-
-    mode="local": engines in this process. mode="ray": engines in Ray actors, one group of
-    `num_workers` data-parallel ranks per base model, on an embedded Ray or the cluster at `address`.
-    If that cluster runs a Twinkle server (address="ray://HOST:10001", or "auto" inside the cluster),
-    calls go to the server's models through Ray instead of HTTP, as tenant `api_key`.
-    """
-    global _backend
-    if mode not in ("local", "ray"):
-        raise ValueError(f"unknown mode {mode!r}; use 'local' or 'ray'")
-    with _lock:
-        if _backend is not None:
-            _backend.close()
-            _backend = None
-    if mode == "ray" and address and _twinkle_server_on(address):
-        from twinkle.client.connect import init_ray_client
-
-        return init_ray_client(address, api_key)  # Ray-client mode: the server's models, without HTTP
-    from twinkle.api.local import LocalBackend
-
-    backend = LocalBackend(state_dir, use_ray=mode == "ray", ray_address=address, num_workers=num_workers,
-                           engine_options=engine_options, allow_custom_loss=allow_custom_loss)
-    set_backend(backend)
-    return backend
-
-
-def _twinkle_server_on(address: str) -> bool:
-    """Does the Ray cluster at `address` run a Twinkle server (its Serve application)?"""
-    from twinkle.actors.runtime import init_ray
-
-    init_ray(address)
-    try:
-        from ray import serve
-
-        serve.get_app_handle("twinkle")
-        return True
-    except Exception:
-        return False
-
-
 def set_backend(backend) -> None:
-    """Install a backend built elsewhere (the HTTP and Ray clients do this)."""
+    """Install a backend built elsewhere (local mode, the HTTP and Ray clients)."""
     global _backend
     with _lock:
         _backend = backend
@@ -67,6 +27,7 @@ def peek_backend():
 
 
 def current_backend():
+    """The installed backend; local mode in this process if none was chosen."""
     global _backend
     with _lock:
         if _backend is None:
@@ -79,9 +40,9 @@ def current_backend():
 def shutdown() -> None:
     global _backend
     with _lock:
-        if _backend is not None:
-            _backend.close()
-            _backend = None
+        backend, _backend = _backend, None
+    if backend is not None:
+        backend.close()
 
 
 atexit.register(shutdown)

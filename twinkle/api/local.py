@@ -1,4 +1,4 @@
-"""Local mode: the API served in this process, with engines in-process or in local Ray actors.
+"""Local mode: the API served in this process, with backends in-process or in local Ray actors.
 
 `LocalBackend` owns one `ModelService` per base model and runs every call on one worker thread in
 submission order, so futures complete in order and a script can pipeline its calls.
@@ -21,7 +21,7 @@ from twinkle.paths import default_state_dir, safe_join
 
 
 class LocalBackend:
-    """Runs the API in this process; `use_ray=True` puts each base model's engine in Ray actors."""
+    """Runs the API in this process; `use_ray=True` puts each base model's backend in Ray actors."""
 
     def __init__(self, state_dir: str | os.PathLike | None = None, *, use_ray: bool = False,
                  ray_address: str | None = None, num_workers: int = 1, engine_options: dict | None = None,
@@ -44,29 +44,31 @@ class LocalBackend:
 
             init_ray(ray_address)
 
-    # ------------------------------------------------------------- engines
-    def _engine_config(self, base_model: str):
-        from twinkle.engine import EngineConfig
+    # ------------------------------------------------------------ backends
+    def _backend_config(self, base_model: str):
+        from twinkle.backends.base import BackendConfig
 
-        return EngineConfig(base_model=base_model, state_dir=str(self.state_dir), **self.engine_options)
+        return BackendConfig(base_model=base_model, state_dir=str(self.state_dir), **self.engine_options)
 
-    def _make_engine(self, base_model: str):
+    def _make_backend(self, base_model: str):
+        """The same factory as the server's workers: in this process, or in a Ray actor group."""
         if not self.use_ray:
-            from twinkle.engine import Engine
+            from twinkle.backends.factory import make_training_backend
 
-            return Engine(self._engine_config(base_model))
+            return make_training_backend(self._backend_config(base_model))
         from twinkle.actors import ActorGroup
-        from twinkle.actors.engine_proxy import RayEngine
-        from twinkle.actors.workers import TrainWorker
+        from twinkle.actors.remote_backend import RayBackend
+        from twinkle.actors.workers import WORKER_THREADS, BackendWorker
 
-        group = ActorGroup(TrainWorker, self.num_workers, init_kwargs={"engine_config": self._engine_config(base_model)})
+        group = ActorGroup(BackendWorker, self.num_workers, init_kwargs={"config": self._backend_config(base_model)},
+                           max_concurrency=WORKER_THREADS)
         self._groups.append(group)
-        return RayEngine(group)
+        return RayBackend(group)
 
     def _service(self, base_model: str) -> ModelService:
         service = self.services.get(base_model)
         if service is None:
-            service = ModelService(base_model, self._make_engine(base_model), self._checkpoint_path,
+            service = ModelService(base_model, self._make_backend(base_model), self._checkpoint_path,
                                    offload_path=lambda model_id: safe_join(self.state_dir / "offload", model_id),
                                    allow_custom_loss=self.allow_custom_loss)
             self.services[base_model] = service

@@ -88,9 +88,10 @@ def create_app() -> FastAPI:
 
     @app.get("/api/v1/twinkle/status")
     async def status(request: Request) -> dict:
-        await tenant_of(request)
+        """Each model's queues and batching figures; the model ids shown are the caller's own."""
+        tenant = await tenant_of(request)
         ctx = context(request)
-        return {"models": {name: await handle.stats.remote() for name, handle in ctx.schedulers.items()}}
+        return {"models": {name: await handle.stats.remote(tenant) for name, handle in ctx.schedulers.items()}}
 
     return app
 

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from twinkle import wire
-from twinkle.actors.scheduler import WorkItem, run_dir_name, scheduler_name
+from twinkle.actors.scheduler import scheduler_name
+from twinkle.actors.work import WorkItem, future_kind
+from twinkle.layout import run_dir_name
 from twinkle.config import ServerConfig
 from twinkle.errors import InvalidInputError, NotFoundError, ServerUnavailableError
 from twinkle.http.auth import KeyRing
@@ -102,7 +104,7 @@ class ServerContext:
                      record: dict | None = None, idempotency_key: str | None = None) -> str:
         """Create (or find, for a retry) the durable future of a request and queue it."""
         scheduler = self.scheduler(base_model)
-        kind = "train" if ordered else method
+        kind = future_kind(method, ordered)
         record_, _created = await self.db(
             self.store.create_future, uuid.uuid4().hex, tenant, kind=kind, target_id=target_id, seq_id=seq_id,
             base_model=base_model, extra=extra or {}, idempotency_key=idempotency_key)
@@ -111,7 +113,11 @@ class ServerContext:
         if record_.status == "pending":  # re-submitting a retry is harmless: the scheduler dedupes
             item = WorkItem(request_id, tenant, method, target_id, args, seq_id=seq_id, ordered=ordered,
                             record=record or {})
-            await scheduler.submit.remote(item)
+            rejected = await scheduler.submit.remote(item)
+            if rejected is not None:  # over a quota: nothing was queued, and a retry starts afresh
+                await self.db(self.store.delete_future, request_id)
+                self._futures.pop(request_id, None)
+                raise _error_from(rejected)
         return request_id
 
     async def call(self, tenant: str, base_model: str, method: str, target_id: str | None, args, *,

@@ -13,7 +13,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 
 from twinkle import wire
-from twinkle.actors.scheduler import tenant_dir
+from twinkle.layout import tenant_dir
 from twinkle.checkpoint import atomic_folder
 from twinkle.errors import ConflictError, InvalidInputError, NotFoundError, UnprocessableError
 from twinkle.http.common import Body, context, parse, resolve_checkpoint, tenant_of, tinker_path

@@ -76,7 +76,8 @@ def start_server(config: ServerConfig, *, on_ray_started=None) -> RunningServer:
         on_ray_started()
     schedulers = {
         model.name: spawn_scheduler(model, str(state_dir), config.timeouts,
-                                    trust_remote_code=config.trust_remote_code, namespace=config.ray.namespace)
+                                    trust_remote_code=config.trust_remote_code, namespace=config.ray.namespace,
+                                    quotas=config.quotas)
         for model in config.models
     }
     server = RunningServer(config, schedulers, embedded_ray=config.ray.address is None)

@@ -228,13 +228,10 @@ async def session_heartbeat(request: Request) -> dict:
     tenant = await tenant_of(request)
     ctx = context(request)
     body = await parse(request, SessionIdBody)
-    status = await ctx.db(ctx.store.heartbeat, body.session_id, tenant)
+    status = await ctx.db(ctx.store.heartbeat, body.session_id, tenant)  # an expired session comes back
     if status is None:
         raise NotFoundError(f"no session {body.session_id!r}", field="session_id")
-    if status == "expired":  # a client that comes back after a pause keeps its session
-        await ctx.db(ctx.store.set_session_status, body.session_id, "active")
-        await ctx.db(ctx.store.heartbeat, body.session_id, tenant)
-    elif status != "active":
+    if status not in ("active", "expired"):
         raise SessionExpiredError(f"session {body.session_id} is {status}; create a new one", field="session_id")
     return {"type": "session_heartbeat"}
 

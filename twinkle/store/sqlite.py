@@ -123,14 +123,18 @@ class Store:
         return dict(row) if row else None
 
     def heartbeat(self, session_id: str, tenant: str) -> str | None:
-        """Refresh a session; returns its status (None if unknown)."""
+        """Refresh a session; returns its status before the call (None if unknown).
+
+        An expired session that beats again (its client paused) becomes active again, with a fresh
+        heartbeat, so the next sweep does not expire it a second time."""
         with self._tx() as db:
             row = db.execute("SELECT status FROM sessions WHERE session_id=? AND tenant=?",
                              (session_id, tenant)).fetchone()
             if row is None:
                 return None
-            if row["status"] == "active":
-                db.execute("UPDATE sessions SET last_heartbeat=? WHERE session_id=?", (time.time(), session_id))
+            if row["status"] in ("active", "expired"):
+                db.execute("UPDATE sessions SET status='active', last_heartbeat=? WHERE session_id=?",
+                           (time.time(), session_id))
             return row["status"]
 
     def set_session_status(self, session_id: str, status: str) -> None:
@@ -273,6 +277,12 @@ class Store:
         with self._tx() as db:
             db.execute("UPDATE futures SET status=?, error=?, completed_at=? WHERE request_id=? AND status=?",
                        (FAILED, json.dumps(error), time.time(), request_id, PENDING))
+
+    def delete_future(self, request_id: str) -> None:
+        """Forget a future that was never queued (refused by a quota), so a retry starts afresh."""
+        with self._tx() as db:
+            db.execute("DELETE FROM futures WHERE request_id=? AND status=?", (request_id, PENDING))
+            db.execute("DELETE FROM idempotency WHERE request_id=?", (request_id,))
 
     def pending_futures(self, base_model: str | None = None) -> list[FutureRecord]:
         if base_model is None:

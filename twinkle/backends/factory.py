@@ -1,0 +1,14 @@
+"""The one place that turns a backend name into a backend: local mode and the workers both use it."""
+
+from __future__ import annotations
+
+from twinkle.backends.base import BackendConfig, TrainingBackend
+
+
+def make_training_backend(config: BackendConfig) -> TrainingBackend:
+    """A training backend for `config.backend` (it also samples when sampling is colocated)."""
+    if config.backend == "transformers":
+        from twinkle.backends.transformers import TransformersBackend
+
+        return TransformersBackend(config)
+    raise ValueError(f"the {config.backend!r} backend is not part of this build; use backend: transformers")
