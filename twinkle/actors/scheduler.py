@@ -29,7 +29,7 @@ from twinkle.actors import bookkeeping
 from twinkle.actors.lanes import Batch, SampleLane, TrainLane
 from twinkle.actors.ordering import SeqOrdering
 from twinkle.actors.work import STEP_METHODS, WorkItem
-from twinkle.api.service import Work
+from twinkle.api.service import CREATE_MODEL_METHODS, Work
 from twinkle.config import ModelConfig, QuotasConfig, TimeoutsConfig
 from twinkle.errors import QuotaExceededError, TwinkleError
 from twinkle.ids import is_adhoc_sampler
@@ -223,7 +223,7 @@ class ModelScheduler:
             self._known.popitem(last=False)
         self._queued[item.tenant] += 1
         self._last_activity = time.time()
-        if item.method in ("create_model", "create_model_from_checkpoint"):
+        if item.method in CREATE_MODEL_METHODS:
             self._paths[item.target_id] = (item.tenant, item.record["run_dir"])
         self._ordering.add(item)
         return None

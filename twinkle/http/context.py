@@ -15,11 +15,12 @@ from typing import Any
 
 from twinkle import wire
 from twinkle.actors.scheduler import scheduler_name
-from twinkle.actors.work import WorkItem, future_kind
-from twinkle.layout import run_dir_name
+from twinkle.actors.work import PASS_METHODS, WorkItem, future_kind
+from twinkle.api.service import CREATE_MODEL_METHODS
 from twinkle.config import ServerConfig
-from twinkle.errors import InvalidInputError, NotFoundError, ServerUnavailableError
+from twinkle.errors import InvalidInputError, NotFoundError, QuotaExceededError, ServerUnavailableError
 from twinkle.http.auth import KeyRing
+from twinkle.layout import run_dir_name
 from twinkle.store import Store
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class ServerContext:
                      record: dict | None = None, idempotency_key: str | None = None) -> str:
         """Create (or find, for a retry) the durable future of a request and queue it."""
         scheduler = self.scheduler(base_model)
+        await self._check_quota(tenant, method, args)
         kind = future_kind(method, ordered)
         record_, _created = await self.db(
             self.store.create_future, uuid.uuid4().hex, tenant, kind=kind, target_id=target_id, seq_id=seq_id,
@@ -119,6 +121,23 @@ class ServerContext:
                 self._futures.pop(request_id, None)
                 raise _error_from(rejected)
         return request_id
+
+    async def _check_quota(self, tenant: str, method: str, args) -> None:
+        """Refuse (429, naming the limit) what would take a tenant beyond its quota; the scheduler
+        checks queued requests, the service keeps its share of resident adapters."""
+        quota = self.config.quotas.of(tenant)
+        if method in PASS_METHODS:
+            tokens = sum(len(d.input_tokens) for d in args.data)
+            if tokens > quota.max_tokens_per_request:
+                raise QuotaExceededError(f"{tokens} tokens in one request exceed your limit of "
+                                         f"{quota.max_tokens_per_request} per request on this server; split the "
+                                         "batch into smaller requests", field="data")
+        elif method in CREATE_MODEL_METHODS:
+            live = await self.db(self.store.live_model_count, tenant)
+            if live >= quota.max_models:
+                raise QuotaExceededError(f"you hold {live} training models in active sessions, this server's limit "
+                                         f"of {quota.max_models} per tenant; unload models or end sessions you no "
+                                         "longer use", field="quota")
 
     async def call(self, tenant: str, base_model: str, method: str, target_id: str | None, args, *,
                    record: dict | None = None) -> Any:

@@ -203,6 +203,13 @@ class Store:
         with self._tx() as db:
             db.execute("UPDATE models SET status=? WHERE model_id=?", (status, model_id))
 
+    def live_model_count(self, tenant: str) -> int:
+        """Training models a tenant holds in its active sessions (what its model quota counts)."""
+        return int(self._conn().execute(
+            "SELECT COUNT(*) FROM models m LEFT JOIN sessions s ON m.session_id = s.session_id "
+            "WHERE m.tenant=? AND m.status != 'unloaded' AND (s.status IS NULL OR s.status = 'active')",
+            (tenant,)).fetchone()[0])
+
     def session_model_count(self, session_id: str) -> int:
         return int(self._conn().execute("SELECT COUNT(*) FROM models WHERE session_id=?",
                                         (session_id,)).fetchone()[0])
