@@ -6,8 +6,11 @@ import pytest
 
 from twinkle.devserver import DevServer, start_dev_server
 
-KEYS = {"alice": "tml-alice-key", "bob": "tml-bob-key"}
+KEYS = {"alice": "tml-alice-key", "bob": "tml-bob-key", "quota": "tml-quota-key"}
 TEST_TIMEOUTS = {"timeouts": {"seq_gap_s": 3.0, "sweep_interval_s": 1.0}}
+# a tenant with small quotas on the shared server (test_multi_tenant_server checks the 429s)
+QUOTA_TENANT = {"max_models": 2, "max_tokens_per_request": 256, "max_queued_requests": 3}
+SHARED_CONFIG = {**TEST_TIMEOUTS, "quotas": {"tenants": {"quota": QUOTA_TENANT}}}
 
 ServerHandle = DevServer  # what the fixtures yield: url, keys, state_dir, log_tail(), stop()
 
@@ -23,8 +26,9 @@ def stop_twinkle_server(handle: DevServer) -> int:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory) -> DevServer:
-    """A server with two tenants (alice, bob) serving twinkle-tiny; client code not trusted."""
-    handle = start_twinkle_server(tmp_path_factory.mktemp("server"))
+    """A server with tenants alice, bob (and quota, with small quotas) serving twinkle-tiny; client code
+    not trusted."""
+    handle = start_twinkle_server(tmp_path_factory.mktemp("server"), extra_config=SHARED_CONFIG)
     yield handle
     handle.stop()
 

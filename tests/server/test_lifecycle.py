@@ -13,10 +13,10 @@ import pytest
 import requests
 
 from tests.server.conftest import start_twinkle_server
+from tests.server.raw import Raw
 
 KEY = "tml-life-key"
 PLAIN_KEY = "carol-plain-secret"  # no tml- prefix: needs init_tinker_client
-TOKENS = list(range(30, 62))
 
 
 @pytest.fixture(scope="module")
@@ -27,51 +27,6 @@ def life(tmp_path_factory):
                                    "model_idle_release_s": 4.0, "session_timeout_s": 600.0}})
     yield server
     server.stop()
-
-
-class Raw:
-    """A minimal JSON client speaking the Tinker wire protocol (the 0.24 JSON forms)."""
-
-    def __init__(self, server, key: str = KEY) -> None:
-        self.url = server.url + "/api/v1"
-        self.http = requests.Session()
-        self.http.headers["X-API-Key"] = key
-        self.session_id = self.post("create_session", {})["session_id"]
-        self.models = 0
-
-    def post(self, route: str, body: dict, expect: int = 200) -> dict:
-        reply = self.http.post(f"{self.url}/{route}", json=body, timeout=60)
-        assert reply.status_code == expect, reply.text
-        return reply.json()
-
-    def result(self, request_id: str) -> dict:
-        while True:
-            out = self.post("retrieve_future", {"request_id": request_id})
-            if out.get("type") != "try_again":
-                assert "error" not in out, out
-                return out
-
-    def create_model(self, seed: int = 5) -> str:
-        future = self.post("create_model", {"session_id": self.session_id, "model_seq_id": self.models,
-                                            "base_model": "twinkle-tiny", "lora_config": {"rank": 4, "seed": seed}})
-        self.models += 1
-        return self.result(future["request_id"])["model_id"]
-
-    def forward_backward(self, model_id: str, seq_id: int, forward_only: bool = False) -> str:
-        key = "forward_input" if forward_only else "forward_backward_input"
-        datum = {"model_input": {"chunks": [{"type": "encoded_text", "tokens": TOKENS[:-1]}]},
-                 "loss_fn_inputs": {"target_tokens": {"data": TOKENS[1:], "dtype": "int64"},
-                                    "weights": {"data": [1.0] * (len(TOKENS) - 1), "dtype": "float32"}}}
-        route = "forward" if forward_only else "forward_backward"
-        return self.post(route, {key: {"data": [datum], "loss_fn": "cross_entropy"}, "model_id": model_id,
-                                 "seq_id": seq_id})["request_id"]
-
-    def optim_step(self, model_id: str, seq_id: int) -> str:
-        return self.post("optim_step", {"model_id": model_id, "seq_id": seq_id,
-                                        "adam_params": {"learning_rate": 0.01}})["request_id"]
-
-    def loss(self, request_id: str) -> float:
-        return self.result(request_id)["metrics"]["loss:sum"]
 
 
 def _train(raw: Raw, model_id: str, steps: int, start_seq: int = 1) -> tuple[list[float], int]:
@@ -86,7 +41,7 @@ def _train(raw: Raw, model_id: str, steps: int, start_seq: int = 1) -> tuple[lis
 
 
 def test_retried_request_runs_once(life):
-    raw = Raw(life)
+    raw = Raw(life, KEY)
     model = raw.create_model()
     fb = raw.forward_backward(model, 1)
     first = raw.optim_step(model, 2)
@@ -95,7 +50,7 @@ def test_retried_request_runs_once(life):
     raw.result(first)
     after = raw.loss(raw.forward_backward(model, 3, forward_only=True))
 
-    reference = Raw(life)
+    reference = Raw(life, KEY)
     ref_model = reference.create_model()
     assert reference.loss(reference.forward_backward(ref_model, 1)) == raw.loss(fb)
     reference.result(reference.optim_step(ref_model, 2))
@@ -120,7 +75,7 @@ print(len(names))
 
 
 def test_futures_survive_an_ingress_restart(life):
-    raw = Raw(life)
+    raw = Raw(life, KEY)
     model = raw.create_model()
     done_fb = raw.forward_backward(model, 1)
     raw.result(done_fb)
@@ -149,7 +104,7 @@ def _status(life) -> dict:
 
 
 def test_idle_adapters_offload_and_resume_exactly(life):
-    raw = Raw(life)
+    raw = Raw(life, KEY)
     model = raw.create_model(seed=21)
     first, seq = _train(raw, model, 2)
     deadline = time.time() + 60
@@ -162,7 +117,7 @@ def test_idle_adapters_offload_and_resume_exactly(life):
         time.sleep(0.5)
     later, _ = _train(raw, model, 2, start_seq=seq)  # restored transparently
 
-    reference = Raw(life)
+    reference = Raw(life, KEY)
     ref_model = reference.create_model(seed=21)
     expected, _ = _train(reference, ref_model, 4)
     assert first + later == expected

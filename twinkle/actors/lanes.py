@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
 from twinkle.actors.fairness import DeficitRoundRobin
-from twinkle.actors.work import PASS_METHODS, SAMPLE_METHODS, WorkItem
+from twinkle.actors.work import PASS_METHODS, SAMPLE_METHODS, STEP_METHODS, WorkItem
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,10 @@ class Lane:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            await self.gather()
             batch = self.next_batch()
             self.busy = True
+            started = time.perf_counter()
             try:
                 outcomes = await self.execute(batch)
             except Exception as exc:  # the executor resolves per item; this is a bug, but never stall the lane
@@ -86,8 +89,23 @@ class Lane:
             finally:
                 self.busy = False
             self.batches += 1
+            self.finished(batch, time.perf_counter() - started)
             for item in batch.items:
                 self.resolve(item, outcomes[item.request_id])
+
+    async def gather(self) -> None:
+        """Called before a batch forms, with work queued: a lane may wait briefly for more."""
+
+    def finished(self, batch: Batch, seconds: float) -> None:
+        """Called when a batch has run."""
+
+    async def _wait_for_push(self, timeout: float) -> bool:
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
 
     def next_batch(self) -> Batch:
         raise NotImplementedError
@@ -110,10 +128,40 @@ class Lane:
 
 
 class TrainLane(Lane):
+    """Also keeps tenants in step: when models have just had their optimizer step, their next
+    forward pass is on its way (the client sends it on receiving the step's result), so a pass about
+    to start waits a moment for them — at most `GATHER_SHARE` of a recent pass and `max_gather_s` —
+    rather than running without them and leaving them for a pass of their own. This is Tinker's
+    "clock cycle": everyone's forward_backward in one pass, everyone's step in one batch."""
+
+    GATHER_SHARE = 0.25
+
     def __init__(self, execute: Executor, resolve: Resolver, *, budget: int, max_models: int,
-                 time_sliced: bool = False) -> None:
+                 time_sliced: bool = False, max_gather_s: float = 0.05) -> None:
         super().__init__("train", execute, resolve, budget=budget, max_items=1 if time_sliced else None)
         self.max_models = max_models
+        self.max_gather_s = 0.0 if time_sliced else max_gather_s
+        self._expected: set[str] = set()  # models whose step just ran: their next pass request is coming
+        self._pass_seconds = 0.0  # recent pass duration (moving average)
+
+    async def gather(self) -> None:
+        waiting = self._expected - set(self.queues)
+        if not waiting or not self._pass_seconds or self.max_gather_s <= 0:
+            return
+        if any(queue[0].method not in PASS_METHODS for queue in self.queues.values()):
+            return  # steps and other requests never wait
+        deadline = time.perf_counter() + min(self.max_gather_s, self.GATHER_SHARE * self._pass_seconds)
+        while self._expected - set(self.queues):
+            left = deadline - time.perf_counter()
+            if left <= 0 or not await self._wait_for_push(left):
+                break
+
+    def finished(self, batch: Batch, seconds: float) -> None:
+        if batch.kind == "pass":
+            self._expected.clear()
+            self._pass_seconds = seconds if not self._pass_seconds else 0.8 * self._pass_seconds + 0.2 * seconds
+        elif any(item.method in STEP_METHODS for item in batch.items):
+            self._expected.update(item.target_id or "" for item in batch.items if item.method in STEP_METHODS)
 
     def next_batch(self) -> Batch:
         heads = [queue[0] for queue in self.queues.values()]

@@ -411,6 +411,8 @@ class ModelScheduler:
         return {
             "name": self.model.name,
             "running": self._group is not None,
+            "device": service.model_info.get("device") if service else None,
+            "dtype": self.model.dtype,
             "queued": (self._train.queued() + self._sample.queued()) if self._train else 0,
             "busy": bool(self._train and (self._train.busy or self._sample.busy)),
             "resident": len(service.resident_models) if service else 0,
