@@ -235,3 +235,24 @@ def test_sampling_many_adapters_in_one_generation_equals_one_at_a_time(make_engi
             assert a.tokens == b.tokens
             np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(got.prompt_logprobs[1:], want.prompt_logprobs[1:], rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_base_model_trains_tenants_in_one_pass(make_engine):
+    """dtype is honoured: the base model runs in bfloat16, adapters and losses stay in float32."""
+    engine = make_engine(dtype="bfloat16")
+    assert engine.info()["dtype"] == "bfloat16" and engine.model.dtype == torch.bfloat16
+    _create(engine, ["ce-r4", "is-r8-attn"])
+    assert all(p.dtype == torch.float32 for _, p in engine.params("ce-r4"))
+    rng = np.random.default_rng(6)
+    batches = {name: [_datum(rng, 24, loss) for _ in range(2)]
+               for name, _, loss, _ in TENANTS if name in ("ce-r4", "is-r8-attn")}
+    first = last = None
+    for step in range(12):
+        outcomes = engine.backend.forward_backward([_request(n, batches[n], step) for n in batches])
+        engine.backend.optim_step([StepRequest(f"s{n}{step}", n) for n in batches])
+        loss = outcomes[f"ce-r4-{step}"].unwrap().metrics["loss:sum"]
+        assert outcomes[f"ce-r4-{step}"].unwrap().loss_outputs[0]["logprobs"].dtype == np.float32
+        first, last = first or loss, loss
+    assert last < 0.8 * first, (first, last)
+    sampled = engine.sample("ce-r4", [5, 6, 7], SamplingParams(max_tokens=4, seed=0))
+    assert len(sampled.sequences[0].tokens) == 4 and all(np.isfinite(sampled.sequences[0].logprobs))
