@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from twinkle.backends.base import SampleRequest
 from twinkle.types import SampledSequence, SampleResult, SamplingParams
 
 RowsHook = Callable[[list[int]], None]  # told which job each row of the next forward belongs to
@@ -42,22 +43,12 @@ class StopCriteria:
 
 
 @dataclass
-class SamplingJob:
-    """One request inside a batched generation."""
-
-    prompt: list[int]
-    params: SamplingParams
-    num_samples: int = 1
-    include_prompt_logprobs: bool = False
-    topk_prompt_logprobs: int = 0
-    topk_sample_logprobs: int = 0
-    target_prompt_logprobs: np.ndarray | None = None
-    prompt_alt_tokens_k: int = 0
-
-
-@dataclass
 class _JobState:
-    job: SamplingJob
+    """One request inside a batched generation, and what it has sampled so far."""
+
+    job: SampleRequest
+    prompt: list[int]
+    seed: int
     max_tokens: int
     stop: StopCriteria
     generator: torch.Generator
@@ -106,7 +97,7 @@ class PromptScores:
     alt_logprobs: list[list[float]] | None = None
 
 
-def _score_prompt(logits: torch.Tensor, prompt: torch.Tensor, job: SamplingJob,
+def _score_prompt(logits: torch.Tensor, prompt: torch.Tensor, job: SampleRequest,
                   generator: torch.Generator) -> PromptScores:
     """Scores of one prompt from its prefill logits (len(prompt), V), on the logits' device.
 
@@ -154,9 +145,10 @@ def _forward(model, ids, mask, positions, cache, kwarg):
 
 
 @torch.no_grad()
-def sample_batch(model, jobs: Sequence[SamplingJob], *, eos_token_ids: list[int], decode, max_context: int,
+def sample_batch(model, jobs: Sequence[SampleRequest], *, eos_token_ids: list[int], decode, max_context: int,
                  default_max_tokens: int = 1024, on_rows: RowsHook | None = None) -> list[SampleResult]:
-    """Sample every job's continuations in shared forward passes; one SampleResult per job.
+    """Sample every request's continuations in shared forward passes; one SampleResult per request
+    (their `request_id` and `adapter_id` are the caller's business).
 
     `on_rows` is told, before every forward, which job each row of its batch belongs to (the
     multi-LoRA layer uses it to give each row its request's adapter).
@@ -166,23 +158,22 @@ def sample_batch(model, jobs: Sequence[SamplingJob], *, eos_token_ids: list[int]
     states = [_start(job, eos_token_ids, max_context, default_max_tokens) for job in jobs]
 
     # prefill every prompt at once, left-padded to the longest
-    longest = max(len(job.prompt) for job in jobs)
+    longest = max(len(state.prompt) for state in states)
     ids = torch.zeros((len(jobs), longest), dtype=torch.long)
     mask = torch.zeros((len(jobs), longest), dtype=torch.long)
-    for j, job in enumerate(jobs):
-        ids[j, longest - len(job.prompt):] = torch.as_tensor(job.prompt, dtype=torch.long)
-        mask[j, longest - len(job.prompt):] = 1
+    for j, state in enumerate(states):
+        ids[j, longest - len(state.prompt):] = torch.as_tensor(state.prompt, dtype=torch.long)
+        mask[j, longest - len(state.prompt):] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     if on_rows is not None:
         on_rows(list(range(len(jobs))))
-    padded = any(len(job.prompt) != longest for job in jobs)  # without padding, no mask is needed
+    padded = any(len(state.prompt) != longest for state in states)  # without padding, no mask is needed
     logits, cache = _forward(model, ids, mask if padded else None, positions, None, kwarg)
     for j, state in enumerate(states):
-        prompt_logits = logits[j, longest - len(state.job.prompt):].float()
-        alt_generator = _seeded(_seed_of(state.job.params) + 1)
-        state.scores = _score_prompt(prompt_logits, ids[j, longest - len(state.job.prompt):], state.job,
-                                     alt_generator)
+        start = longest - len(state.prompt)
+        # the prompt's alternative draws use their own stream: asking for them leaves the samples unchanged
+        state.scores = _score_prompt(logits[j, start:].float(), ids[j, start:], state.job, _seeded(state.seed + 1))
     last = logits[:, -1].float()
 
     # one row per sample; rows of a job are contiguous and in sample order
@@ -228,19 +219,14 @@ def sample_batch(model, jobs: Sequence[SamplingJob], *, eos_token_ids: list[int]
     return [_result(state) for state in states]
 
 
-def _seed_of(params: SamplingParams) -> int:
-    return params.seed if params.seed is not None else secrets.randbits(63)
-
-
-def _start(job: SamplingJob, eos_token_ids: list[int], max_context: int, default_max_tokens: int) -> _JobState:
+def _start(job: SampleRequest, eos_token_ids: list[int], max_context: int, default_max_tokens: int) -> _JobState:
     params = job.params
-    seed = _seed_of(params)
-    if params.seed is None:  # both generators must derive from the same seed
-        job.params = params = params.model_copy(update={"seed": seed})
-    max_tokens = max(0, min(params.max_tokens or default_max_tokens, max_context - len(job.prompt)))
+    prompt = [int(t) for t in job.prompt_tokens]
+    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    max_tokens = max(0, min(params.max_tokens or default_max_tokens, max_context - len(prompt)))
     stop = StopCriteria.from_params(params.stop, eos_token_ids)
     n = job.num_samples
-    return _JobState(job=job, max_tokens=max_tokens, stop=stop, generator=_seeded(seed),
+    return _JobState(job=job, prompt=prompt, seed=seed, max_tokens=max_tokens, stop=stop, generator=_seeded(seed),
                      tokens=[[] for _ in range(n)], logprobs=[[] for _ in range(n)], topk=[[] for _ in range(n)],
                      reasons=["length"] * n, longest_stop=max((len(s) for s in stop.strings), default=0),
                      active=list(range(n)) if max_tokens > 0 else [])

@@ -29,7 +29,7 @@ from twinkle.losses.functions import LOSS_FUNCTIONS, LossContext
 from twinkle.lora import adaptable_layers
 from twinkle.metrics import merge_metrics
 from twinkle.modeling import load_causal_lm, load_tokenizer, resolve_model_path, vocab_size_of
-from twinkle.sampling import SamplingJob, sample_batch
+from twinkle.sampling import sample_batch
 from twinkle.types import AdamParams, CheckpointInfo, ForwardResult, LoraConfig, LRSchedule, TrainState
 from twinkle.validation import lookup_loss, validate_batch, validate_sampling
 
@@ -324,7 +324,7 @@ class TransformersBackend(TrainingBackend, SamplingBackend):
     # ------------------------------------------------------------ sampling
     def sample(self, requests: Sequence[SampleRequest]) -> Outcomes:
         outcomes: Outcomes = {}
-        jobs, entries, accepted = [], [], []
+        entries, accepted = [], []
         for request in requests:
             try:
                 prompt = np.asarray(request.prompt_tokens, dtype=np.int64)
@@ -337,20 +337,14 @@ class TransformersBackend(TrainingBackend, SamplingBackend):
             except TwinkleError as exc:
                 outcomes[request.request_id] = Outcome.failure(exc)
                 continue
-            jobs.append(SamplingJob(
-                prompt=prompt.tolist(), params=request.params, num_samples=request.num_samples,
-                include_prompt_logprobs=request.include_prompt_logprobs,
-                topk_prompt_logprobs=request.topk_prompt_logprobs, topk_sample_logprobs=request.topk_sample_logprobs,
-                target_prompt_logprobs=request.target_prompt_logprobs,
-                prompt_alt_tokens_k=request.prompt_alt_tokens_k))
             entries.append(entry)
             accepted.append(request)
-        if not jobs:
+        if not accepted:
             return outcomes
         active = None if all(e is BASE_ENTRY for e in entries) else LoraPass(self.bank, entries)
         with lora_pass(active):
             results = sample_batch(
-                self.model, jobs, eos_token_ids=self.eos_token_ids,
+                self.model, accepted, eos_token_ids=self.eos_token_ids,
                 decode=lambda toks: self.tokenizer.decode(toks, skip_special_tokens=False),
                 max_context=self.max_context, default_max_tokens=self.config.default_max_tokens,
                 on_rows=active.set_rows if active is not None else None)
