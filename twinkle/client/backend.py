@@ -18,6 +18,7 @@ import os
 import threading
 from pathlib import Path
 
+from twinkle import ids
 from twinkle.api.futures import Future
 from twinkle.api.spec import API_METHODS
 from twinkle.errors import SessionExpiredError, error_from_dict
@@ -78,8 +79,8 @@ class RemoteBackend:
     def _new_id(self, kind: str) -> str:
         with self._lock:
             if kind == "model":
-                return f"{self.session_id}:train:{next(self._model_numbers)}"
-            return f"{self.session_id}:sample:{next(self._sampler_numbers)}"
+                return ids.model_id(self.session_id, next(self._model_numbers))
+            return ids.sampler_id(self.session_id, next(self._sampler_numbers))
 
     def call(self, method: str, target_id: str | None, args) -> Future:
         spec = API_METHODS[method]

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from twinkle.config import ServerConfig
 from twinkle.errors import NotFoundError, TwinkleError
-from twinkle.http import native_routes, rest_routes, tinker_routes
+from twinkle.http import native_routes, rest_routes, tinker_futures, tinker_routes, tinker_sampling
 from twinkle.http.common import context, install_context, tenant_of
 from twinkle.http.context import ServerContext
 
@@ -44,7 +44,9 @@ def _error_body(error: TwinkleError) -> dict:
 
 def create_app() -> FastAPI:
     app = FastAPI(title="Twinkle", version="0.1.0", docs_url="/api/v1/docs", openapi_url="/api/v1/openapi.json")
-    app.include_router(tinker_routes.router)
+    app.include_router(tinker_routes.router)  # Tinker routes first, in this order: matching stays as it was
+    app.include_router(tinker_sampling.router)
+    app.include_router(tinker_futures.router)
     app.include_router(rest_routes.router)
     app.include_router(native_routes.router)
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from twinkle import ids
 from twinkle.api.spec import API_METHODS
 from twinkle.errors import InvalidInputError, NotFoundError, PermissionDeniedError, TwinkleError
 from twinkle.http.common import resolve_checkpoint, tinker_path
 from twinkle.http.context import ServerContext
 from twinkle.paths import check_name
 from twinkle.validation import validate_batch, validate_sampling
-
-SESSION_SEP = {"model": ":train:", "sampler": ":sample:"}
 
 
 class NativeAPI:
@@ -84,9 +83,9 @@ class NativeAPI:
 
     async def _own_new_id(self, tenant: str, target_id: str, kind: str) -> str:
         """A new model or sampler id must be <session_id><sep><n> of one of the tenant's sessions."""
-        session_id, sep, number = target_id.partition(SESSION_SEP[kind])
-        if not sep or not number.isdigit():
-            raise InvalidInputError(f"{kind} ids look like <session_id>{SESSION_SEP[kind]}<n>", field="target_id")
+        session_id = ids.session_of(target_id, kind)
+        if session_id is None:
+            raise InvalidInputError(f"{kind} ids look like <session_id>{ids.SEPARATORS[kind]}<n>", field="target_id")
         await self.ctx.require_session(session_id, tenant)
         return session_id
 
@@ -148,7 +147,7 @@ class NativeAPI:
             ckpt = await resolve_checkpoint(ctx, args.path, tenant)
             args = args.model_copy(update={"path": ckpt["folder"]})
         elif method == "create_sampler_from_model":
-            session_id = target_id.split(SESSION_SEP["model"])[0]
+            session_id = target_id.partition(ids.SEPARATORS["model"])[0]  # lenient: session_of refuses "<s>:train:-1"
             if args.sampler_id is None:
                 raise InvalidInputError("missing sampler_id", field="sampler_id")
             await self._own_new_id(tenant, args.sampler_id, "sampler")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request
 
-from twinkle import wire
+from twinkle import ids, wire
 from twinkle.layout import tenant_dir
 from twinkle.checkpoint import atomic_folder
 from twinkle.errors import ConflictError, InvalidInputError, NotFoundError, UnprocessableError
@@ -208,7 +208,7 @@ async def copy_weights(request: Request) -> dict:
         if body.model_seq_id is None:
             raise InvalidInputError("give model_seq_id with session_id", field="model_seq_id")
         await ctx.require_session(body.session_id, tenant)
-        run_id = f"{body.session_id}:train:{body.model_seq_id}"
+        run_id = ids.model_id(body.session_id, body.model_seq_id)
         if await ctx.db(ctx.store.get_model, run_id, None) is not None:
             raise ConflictError(f"training run slot {run_id!r} is already used; pick another model_seq_id",
                                 field="model_seq_id")

@@ -1,8 +1,8 @@
-"""The Tinker wire protocol (`/api/v1/...`): sessions, training, sampling and futures.
+"""The Tinker wire protocol (`/api/v1/...`): service, sessions, models and training.
 
-Heavy calls (`forward_backward`, results of forward/sample) are protobuf for SDK >= 0.25 and JSON
-for older SDKs; everything else is JSON. Mutating calls return a future id at once and run in the
-model's scheduler in seq_id order; `retrieve_future` long-polls for the result.
+`forward_backward` takes protobuf (SDK >= 0.25) or JSON (older SDKs); everything else is JSON.
+Mutating calls return a future id at once and run in the model's scheduler in seq_id order;
+sampling is in `tinker_sampling`, results are fetched through `tinker_futures.retrieve_future`.
 """
 
 from __future__ import annotations
@@ -11,129 +11,26 @@ import functools
 import json
 import time
 import uuid
-from typing import Any
 
-import numpy as np
-from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request
 
-from twinkle.api.spec import (CreateModelArgs, CreateSamplerArgs, Empty, ForwardArgs, FromCheckpointArgs, LoadArgs,
-                              SampleArgs, SaveArgs, SaveSamplerArgs, StepArgs)
+from twinkle import ids
+from twinkle.api.spec import (CreateModelArgs, Empty, ForwardArgs, FromCheckpointArgs, LoadArgs, SaveArgs,
+                              SaveSamplerArgs, StepArgs)
 from twinkle.errors import InvalidInputError, NotFoundError, SessionExpiredError, TwinkleError, UnprocessableError
 from twinkle.http import tinker_codec as codec
-from twinkle.http.common import (Body, context, parse, read_json, resolve_checkpoint, tenant_of, tinker_path,
-                                 validate_body)
+from twinkle.http.common import context, parse, read_json, resolve_checkpoint, tenant_of, tinker_path
+from twinkle.http.tinker_bodies import (AdamBody, CreateModelBody, CreateSessionBody, LoadWeightsBody, LoraBody,
+                                        ModelIdBody, OptimStepBody, SaveWeightsBody, SessionIdBody)
+from twinkle.http.tinker_futures import future_reply
 from twinkle.paths import check_name
-from twinkle.types import AdamParams, LoraConfig, SamplingParams
-from twinkle.validation import validate_batch, validate_sampling
+from twinkle.types import AdamParams, LoraConfig
+from twinkle.validation import validate_batch
 
 router = APIRouter(prefix="/api/v1")
 
 
-# ------------------------------------------------------------------ bodies
-class CreateSessionBody(Body):
-    tags: list[str] = []
-    user_metadata: dict | None = None
-    sdk_version: str | None = None
-
-
-class SessionIdBody(Body):
-    session_id: str
-
-
-class LoraBody(Body):
-    rank: int = 32
-    seed: int | None = None
-    train_unembed: bool = True
-    train_mlp: bool = True
-    train_attn: bool = True
-
-
-class CreateModelBody(Body):
-    session_id: str
-    model_seq_id: int
-    base_model: str
-    lora_config: LoraBody | None = None
-    optimizer_config: dict | None = None
-    user_metadata: dict | None = None
-
-
-class ModelIdBody(Body):
-    model_id: str
-    seq_id: int | None = None
-
-
-class AdamBody(Body):
-    learning_rate: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-12
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 0.0
-
-
-class OptimStepBody(Body):
-    model_id: str
-    seq_id: int | None = None
-    adam_params: AdamBody | None = None
-    optimizer_params: dict | None = None
-
-
-class SaveWeightsBody(Body):
-    model_id: str
-    seq_id: int | None = None
-    path: str | None = None
-    ttl_seconds: int | None = None
-    overwrite: bool = False
-    user_metadata: dict | None = None
-    sampling_session_seq_id: int | None = None
-    kind: str | None = None
-
-
-class LoadWeightsBody(Body):
-    path: str
-    optimizer: bool = False
-    model_id: str | None = None
-    seq_id: int | None = None
-    session_id: str | None = None
-    model_seq_id: int | None = None
-    base_model: str | None = None
-    user_metadata: dict | None = None
-
-
-class CreateSamplingSessionBody(Body):
-    session_id: str
-    sampling_session_seq_id: int = 0
-    model_path: str | None = None
-    base_model: str | None = None
-
-
-class SampleBody(Body):
-    sampling_session_id: str | None = None
-    seq_id: int | None = None
-    base_model: str | None = None
-    model_path: str | None = None
-    num_samples: int = 1
-    prompt: dict
-    sampling_params: dict = {}
-    prompt_logprobs: bool = False
-    topk_prompt_logprobs: int = 0
-    topk_sample_logprobs: int = 0
-    prompt_logprobs_last_n: int | None = None
-    target_prompt_logprobs: Any = None
-    prompt_alt_tokens_k: int = 0
-
-
-class RetrieveBody(Body):
-    request_id: str
-    allow_metadata_only: bool = False
-
-
 # --------------------------------------------------------------- plumbing
-def _future_reply(request_id: str, **extra) -> dict:
-    return {"request_id": request_id, **{k: v for k, v in extra.items() if v is not None}}
-
-
 async def _request_target(request: Request) -> tuple[str | None, int | None]:
     """(model_id, seq_id) of a training request, read from its raw body (protobuf or JSON)."""
     raw = await request.body()  # cached by Starlette: the handler has already read it
@@ -276,10 +173,6 @@ def _lora(body: LoraBody | None, info: dict) -> LoraConfig:
         raise _pydantic_error(exc, "lora_config") from None
 
 
-def _model_id(session_id: str, model_seq_id: int) -> str:
-    return f"{session_id}:train:{model_seq_id}"
-
-
 @router.post("/create_model")
 async def create_model(request: Request) -> dict:
     tenant = await tenant_of(request)
@@ -290,13 +183,13 @@ async def create_model(request: Request) -> dict:
     optimizer_type = (body.optimizer_config or {}).get("type", "adamw")
     if optimizer_type != "adamw":
         raise UnprocessableError(f"optimizer {optimizer_type!r} is not supported; use adamw", field="optimizer_config")
-    model_id = _model_id(body.session_id, body.model_seq_id)
+    model_id = ids.model_id(body.session_id, body.model_seq_id)
     args = CreateModelArgs(base_model=body.base_model, lora=_lora(body.lora_config, info))
     request_id = await ctx.submit(
         tenant, body.base_model, "create_model", model_id, args, seq_id=0, ordered=True,
         extra={"type": "CreateModel", "model_id": model_id},
         record={"session_id": body.session_id, "run_dir": ctx.run_dir(model_id), "user_metadata": body.user_metadata})
-    return _future_reply(request_id, model_id=model_id)
+    return future_reply(request_id, model_id=model_id)
 
 
 @router.post("/get_info")
@@ -330,7 +223,7 @@ async def unload_model(request: Request) -> dict:
                                   ordered=body.seq_id is not None,
                                   extra={"type": "UnloadModel", "model_id": body.model_id})
     ctx.forget_model(body.model_id)
-    return _future_reply(request_id, model_id=body.model_id)
+    return future_reply(request_id, model_id=body.model_id)
 
 
 async def _submit_forward(request: Request, parsed: dict) -> dict:
@@ -352,7 +245,7 @@ async def _submit_forward(request: Request, parsed: dict) -> dict:
     request_id = await ctx.submit(tenant, base_model, "forward" if forward_only else "forward_backward", model_id,
                                   args, seq_id=seq_id, ordered=seq_id is not None,
                                   extra={"type": "Forward" if forward_only else "ForwardBackward"})
-    return _future_reply(request_id, model_id=model_id)
+    return future_reply(request_id, model_id=model_id)
 
 
 @router.post("/forward_backward")
@@ -398,7 +291,7 @@ async def optim_step(request: Request) -> dict:
     adam = check()
     request_id = await ctx.submit(tenant, base_model, "step", body.model_id, StepArgs(optimizer=adam),
                                   seq_id=body.seq_id, ordered=body.seq_id is not None, extra={"type": "OptimStep"})
-    return _future_reply(request_id, model_id=body.model_id)
+    return future_reply(request_id, model_id=body.model_id)
 
 
 async def _submit_save(ctx, tenant: str, base_model: str, body: SaveWeightsBody, name: str, kind: str,
@@ -410,7 +303,7 @@ async def _submit_save(ctx, tenant: str, base_model: str, body: SaveWeightsBody,
                                   ordered=body.seq_id is not None,
                                   extra={"type": reply_type, "path": tinker_path(body.model_id, kind, name)},
                                   record={"ttl_seconds": body.ttl_seconds, "user_metadata": body.user_metadata})
-    return _future_reply(request_id, model_id=body.model_id)
+    return future_reply(request_id, model_id=body.model_id)
 
 
 @router.post("/save_weights")
@@ -436,17 +329,18 @@ async def save_weights_for_sampler(request: Request) -> dict:
         name = check_name(body.path, "path")
         return await _submit_save(ctx, tenant, base_model, body, name, "sampler_weights", "SaveWeightsForSampler")
     # unnamed (save_weights_and_get_sampling_client): a snapshot and a sampler for it
-    session_id = body.model_id.split(":train:")[0]
+    # the session part of the model id, read leniently (session_of would refuse e.g. "<s>:train:-1")
+    session_id = body.model_id.partition(ids.SEPARATORS["model"])[0]
     counter = body.sampling_session_seq_id
     if counter is None:
         counter = await ctx.db(ctx.store.next_counter, session_id, "snapshot")
-    sampler_id = f"{session_id}:sample:{counter}"
+    sampler_id = ids.sampler_id(session_id, counter)
     args = SaveSamplerArgs(sampler_id=sampler_id)
     request_id = await ctx.submit(tenant, base_model, "create_sampler_from_model", body.model_id, args,
                                   seq_id=body.seq_id, ordered=ordered,
                                   extra={"type": "SaveWeightsForSampler", "sampling_session_id": sampler_id},
                                   record={"session_id": session_id})
-    return _future_reply(request_id, model_id=body.model_id)
+    return future_reply(request_id, model_id=body.model_id)
 
 
 @router.post("/save_weights_external")
@@ -469,167 +363,19 @@ async def load_weights(request: Request) -> dict:
         ckpt = await resolve_checkpoint(ctx, body.path, tenant)
         base_model = body.base_model or ckpt["base_model"]
         ctx.info(base_model)
-        model_id = _model_id(body.session_id, body.model_seq_id)
+        model_id = ids.model_id(body.session_id, body.model_seq_id)
         args = FromCheckpointArgs(path=ckpt["folder"], with_optimizer=body.optimizer, base_model=base_model)
         request_id = await ctx.submit(
             tenant, base_model, "create_model_from_checkpoint", model_id, args, seq_id=0, ordered=True,
             extra={"type": "LoadWeights", "path": body.path, "model_id": model_id},
             record={"session_id": body.session_id, "run_dir": ctx.run_dir(model_id),
                     "user_metadata": body.user_metadata})
-        return _future_reply(request_id, model_id=model_id)
+        return future_reply(request_id, model_id=model_id)
     base_model = await ctx.model_owner(body.model_id, tenant)
     ckpt = await resolve_checkpoint(ctx, body.path, tenant)
     args = LoadArgs(path=ckpt["folder"], with_optimizer=body.optimizer)
     request_id = await ctx.submit(tenant, base_model, "load", body.model_id, args, seq_id=body.seq_id,
                                   ordered=body.seq_id is not None,
                                   extra={"type": "LoadWeights", "path": body.path})
-    return _future_reply(request_id, model_id=body.model_id)
+    return future_reply(request_id, model_id=body.model_id)
 
-
-# -------------------------------------------------------------- sampling
-async def _create_sampler(ctx, tenant: str, session_id: str | None, sampler_id: str, model_path: str | None,
-                          base_model: str | None) -> str:
-    folder = None
-    if model_path:
-        ckpt = await resolve_checkpoint(ctx, model_path, tenant, field="model_path")
-        base_model = base_model or ckpt["base_model"]
-        folder = ckpt["folder"]
-    if not base_model:
-        raise InvalidInputError("give base_model or model_path", field="base_model")
-    ctx.info(base_model)
-    await ctx.call(tenant, base_model, "create_sampler", sampler_id,
-                   CreateSamplerArgs(base_model=base_model, model_path=folder),
-                   record={"session_id": session_id, "tinker_path": model_path})
-    return base_model
-
-
-@router.post("/create_sampling_session")
-async def create_sampling_session(request: Request) -> dict:
-    tenant = await tenant_of(request)
-    ctx = context(request)
-    body = await parse(request, CreateSamplingSessionBody)
-    await ctx.require_session(body.session_id, tenant)
-    sampler_id = f"{body.session_id}:sample:{body.sampling_session_seq_id}"
-    await _create_sampler(ctx, tenant, body.session_id, sampler_id, body.model_path, body.base_model)
-    return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
-
-
-@router.get("/samplers/{sampler_id}")
-async def get_sampler(sampler_id: str, request: Request) -> dict:
-    tenant = await tenant_of(request)
-    ctx = context(request)
-    row = await ctx.db(ctx.store.get_sampler, sampler_id, tenant)
-    if row is None:
-        raise NotFoundError(f"no sampler {sampler_id!r}", field="sampler_id")
-    return {"sampler_id": sampler_id, "base_model": row["base_model"], "model_path": row["model_path"]}
-
-
-def _sampling_params(raw: dict) -> SamplingParams:
-    if not isinstance(raw, dict):
-        raise InvalidInputError("must be an object", field="sampling_params")
-    try:
-        return validate_body(SamplingParams, {k: v for k, v in raw.items() if v is not None and k != "type"})
-    except InvalidInputError as exc:
-        raise InvalidInputError(exc.message, field=f"sampling_params.{exc.field}") from None
-
-
-@router.post("/asample")
-async def asample(request: Request) -> dict:
-    tenant = await tenant_of(request)
-    ctx = context(request)
-    body = await parse(request, SampleBody)
-    if body.sampling_session_id:
-        row = await ctx.db(ctx.store.get_sampler, body.sampling_session_id, tenant)
-        if row is None:
-            raise NotFoundError(f"no sampling session {body.sampling_session_id!r}", field="sampling_session_id")
-        sampler_id, base_model = body.sampling_session_id, row["base_model"]
-    else:  # SDKs before sampling sessions name the model in the request
-        sampler_id = f"adhoc:{uuid.uuid4().hex}"
-        base_model = await _create_sampler(ctx, tenant, None, sampler_id, body.model_path, body.base_model)
-    info = ctx.info(base_model)
-    targets = None
-    if body.target_prompt_logprobs is not None:  # a sparse request's unlisted cells ask for nothing
-        targets = codec.tensor_from_json(body.target_prompt_logprobs, "target_prompt_logprobs", sparse_fill=-1)
-    prompt = codec.tokens_from_json_chunks(body.prompt, "prompt")
-    params = _sampling_params(body.sampling_params)
-    validate_sampling(prompt, params, body.num_samples, info["vocab_size"], info["max_context"],
-                      topk_prompt_logprobs=body.topk_prompt_logprobs, topk_sample_logprobs=body.topk_sample_logprobs,
-                      target_prompt_logprobs=targets, prompt_alt_tokens_k=body.prompt_alt_tokens_k,
-                      max_samples=ctx.config.limits.max_samples_per_request)
-    args = SampleArgs(prompt_tokens=prompt, params=params, num_samples=body.num_samples,
-                      include_prompt_logprobs=body.prompt_logprobs, topk_prompt_logprobs=body.topk_prompt_logprobs,
-                      topk_sample_logprobs=body.topk_sample_logprobs, target_prompt_logprobs=targets,
-                      prompt_alt_tokens_k=body.prompt_alt_tokens_k)
-    request_id = await ctx.submit(tenant, base_model, "sample", sampler_id, args, seq_id=body.seq_id,
-                                  extra={"type": "Sample", "last_n": body.prompt_logprobs_last_n})
-    return _future_reply(request_id, sample_sequence_ids=[f"{request_id}-{i}" for i in range(body.num_samples)])
-
-
-# --------------------------------------------------------------- futures
-def _sdk_version(request: Request) -> tuple[int, ...] | None:
-    raw = request.headers.get("x-stainless-package-version", "")
-    try:
-        return tuple(int(part) for part in raw.split(".")[:2])
-    except ValueError:
-        return None
-
-
-def _wants_protobuf(request: Request) -> bool:
-    """SDK >= 0.25 only reads protobuf results; older SDKs (which also accept protobuf) get JSON."""
-    if codec.PROTOBUF not in request.headers.get("accept", ""):
-        return False
-    version = _sdk_version(request)
-    return version is None or version >= (0, 25)
-
-
-def _result_response(request: Request, payload: Any, extra: dict) -> Response:
-    kind = extra.get("type")
-    if kind in ("ForwardBackward", "Forward"):
-        if _wants_protobuf(request):
-            return Response(codec.forward_output_proto(payload), media_type=codec.PROTOBUF)
-        return JSONResponse(codec.forward_output_json(payload))
-    if kind == "Sample":
-        last_n = extra.get("last_n")
-        if _wants_protobuf(request):
-            return Response(codec.sample_output_proto(payload, prompt_logprobs_last_n=last_n),
-                            media_type=codec.PROTOBUF)
-        return JSONResponse(codec.sample_output_json(payload, prompt_logprobs_last_n=last_n))
-    if kind == "CreateModel":
-        return JSONResponse({"model_id": extra["model_id"], "type": "create_model"})
-    if kind == "OptimStep":
-        return JSONResponse({"metrics": {k: float(v) for k, v in payload.get("metrics", {}).items()}})
-    if kind in ("SaveWeights",):
-        return JSONResponse({"path": extra["path"], "type": "save_weights"})
-    if kind == "SaveWeightsForSampler":
-        if "sampling_session_id" in extra:
-            return JSONResponse({"sampling_session_id": extra["sampling_session_id"]})
-        return JSONResponse({"path": extra["path"]})
-    if kind == "LoadWeights":
-        return JSONResponse({k: extra[k] for k in ("path", "model_id") if k in extra})
-    if kind == "UnloadModel":
-        return JSONResponse({"model_id": extra["model_id"], "type": "unload_model"})
-    return JSONResponse(_plain(payload))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
-
-
-@router.post("/retrieve_future")
-async def retrieve_future(request: Request) -> Response:
-    tenant = await tenant_of(request)
-    ctx = context(request)
-    body = await parse(request, RetrieveBody)
-    status, payload, extra = await ctx.wait_future(body.request_id, tenant, ctx.config.timeouts.long_poll_s)
-    if status == "pending":
-        return JSONResponse({"type": "try_again", "request_id": body.request_id, "queue_state": "active"})
-    if status == "failed":
-        return JSONResponse({"error": payload.get("error", "request failed"),
-                             "category": payload.get("category", "unknown")})
-    return _result_response(request, payload, extra)
