@@ -21,9 +21,11 @@ def sampler_id(session_id: str, number: int) -> str:
 
 
 def session_of(target_id: str, kind: Kind = "model") -> str | None:
-    """The session a model or sampler id belongs to, or None if it has no session part."""
+    """The session a model or sampler id belongs to, or None if it has no session part.
+
+    The number is any integer the client chose (Tinker's seq ids are not checked for sign)."""
     session, sep, number = target_id.partition(SEPARATORS[kind])
-    return session if sep and number.isdigit() else None
+    return session if sep and number.lstrip("-").isdigit() else None
 
 
 def adhoc_sampler_id(unique: str) -> str:

@@ -147,7 +147,7 @@ class NativeAPI:
             ckpt = await resolve_checkpoint(ctx, args.path, tenant)
             args = args.model_copy(update={"path": ckpt["folder"]})
         elif method == "create_sampler_from_model":
-            session_id = target_id.partition(ids.SEPARATORS["model"])[0]  # lenient: session_of refuses "<s>:train:-1"
+            session_id = ids.session_of(target_id)
             if args.sampler_id is None:
                 raise InvalidInputError("missing sampler_id", field="sampler_id")
             await self._own_new_id(tenant, args.sampler_id, "sampler")

@@ -329,8 +329,7 @@ async def save_weights_for_sampler(request: Request) -> dict:
         name = check_name(body.path, "path")
         return await _submit_save(ctx, tenant, base_model, body, name, "sampler_weights", "SaveWeightsForSampler")
     # unnamed (save_weights_and_get_sampling_client): a snapshot and a sampler for it
-    # the session part of the model id, read leniently (session_of would refuse e.g. "<s>:train:-1")
-    session_id = body.model_id.partition(ids.SEPARATORS["model"])[0]
+    session_id = ids.session_of(body.model_id)
     counter = body.sampling_session_seq_id
     if counter is None:
         counter = await ctx.db(ctx.store.next_counter, session_id, "snapshot")
