@@ -72,8 +72,7 @@ class ModelScheduler:
         self._started = False
         self._published = False
         self._timings: dict[str, deque] = {}  # recent execution times per batch kind, for stats()
-        self._pass_sizes: deque = deque(maxlen=1000)  # (requests, models) of recent training passes
-        self._counters: Counter[str] = Counter()
+        self._counters: Counter[str] = Counter()  # passes, requests in them, ... since the start
         self._ordering: SeqOrdering | None = None
         self._train: TrainLane | None = None
         self._sample: SampleLane | None = None
@@ -328,11 +327,13 @@ class ModelScheduler:
                 self._last_used[item.target_id] = now
         work = {item.request_id: Work(item.request_id, item.target_id, item.args, item.method) for item in batch.items}
         if batch.kind == "pass":
-            self._pass_sizes.append((len(batch.items), len({i.target_id for i in batch.items})))
+            models = len({item.target_id for item in batch.items})
+            self._counters.update(train_passes=1, train_pass_requests=len(batch.items),
+                                  shared_train_passes=int(models > 1))
+            self._counters["max_models_per_pass"] = max(self._counters["max_models_per_pass"], models)
             return service.run_forward(list(work.values()))
         if batch.kind == "sample":
-            self._counters["sample_batches"] += 1
-            self._counters["sample_requests"] += len(batch.items)
+            self._counters.update(sample_batches=1, sample_requests=len(batch.items))
             results = service.run_samples(list(work.values()))
             for item in batch.items:
                 if is_adhoc_sampler(item.target_id):  # an old SDK's one-request sampler
@@ -403,7 +404,7 @@ class ModelScheduler:
     async def stats(self, tenant: str | None = None) -> dict:
         """Queues, residency and batching figures; the ids listed are `tenant`'s own only."""
         service = self._service
-        passes = list(self._pass_sizes)
+        counters = self._counters
 
         def own(model_id: str) -> bool:
             return tenant is not None and self._paths.get(model_id, ("",))[0] == tenant
@@ -420,12 +421,8 @@ class ModelScheduler:
             "waiting_for_seq": {t: s for t, s in self._ordering.waiting().items() if own(t)} if self._ordering else {},
             "offloads": service.offloads if service else 0,
             "restores": service.restores if service else 0,
-            "train_passes": len(passes),
-            "train_pass_requests": sum(n for n, _ in passes),
-            "shared_train_passes": sum(1 for _, m in passes if m > 1),
-            "max_models_per_pass": max((m for _, m in passes), default=0),
-            "sample_batches": self._counters["sample_batches"],
-            "sample_requests": self._counters["sample_requests"],
+            **{name: counters[name] for name in ("train_passes", "train_pass_requests", "shared_train_passes",
+                                                 "max_models_per_pass", "sample_batches", "sample_requests")},
             "execute_ms_p50": {k: round(1000 * sorted(d)[len(d) // 2], 2) for k, d in self._timings.items() if d},
         }
 
