@@ -6,29 +6,21 @@ import gc
 import time
 from pathlib import Path
 
-
 from bench.inprocess import make_engine, train_step_time
-from bench.workloads import BENCH_MODEL, LORA_RANK, MEASURED_STEPS, WARMUP_STEPS, sft_batch, summarize, tokens_in
+from bench.workloads import (BENCH_MODEL, LORA_RANK, MEASURED_STEPS, WARMUP_STEPS, sft_batch, summarize,
+                             tinker_batch, tokens_in)
 from twinkle.devserver import start_dev_server
 
 BENCH_KEY = "tml-bench-key"
 
 
-def _tinker_batch(batch):
-    from tinker import types
-
-    return [types.Datum(model_input=types.ModelInput.from_ints(d.input_tokens.tolist()),
-                        loss_fn_inputs={"target_tokens": d.loss_inputs["target_tokens"].tolist(),
-                                        "weights": d.loss_inputs["weights"].tolist()}) for d in batch]
-
-
-def request_bytes(tinker_batch, model_id: str = "m") -> int:
+def request_bytes(data: list, model_id: str = "m") -> int:
     """Size of the protobuf body the SDK sends for this forward_backward."""
     from tinker import types
     from tinker.proto import request_conv
 
     request = request_conv.ForwardBackwardRequest(
-        forward_backward_input=types.ForwardBackwardInput(data=tinker_batch, loss_fn="cross_entropy"),
+        forward_backward_input=types.ForwardBackwardInput(data=data, loss_fn="cross_entropy"),
         model_id=model_id, seq_id=1)
     proto = request_conv.forward_backward_request_to_proto(request)
     return len(proto if isinstance(proto, bytes) else proto.SerializeToString())
@@ -40,7 +32,7 @@ def sdk_loop(url: str, batch, steps: int = MEASURED_STEPS) -> dict:
 
     service = tinker.ServiceClient(base_url=url, api_key=BENCH_KEY)
     client = service.create_lora_training_client(base_model=BENCH_MODEL, rank=LORA_RANK, seed=0).result()
-    data = _tinker_batch(batch)
+    data = tinker_batch(batch)
     adam = types.AdamParams(learning_rate=1e-4)
 
     def pipelined_step():
@@ -136,7 +128,7 @@ def remote_paths(state_dir: str, work_dir: str) -> tuple[dict, dict]:
         remote = sdk_loop(server.url, batch)
         client = twinkle_client_loop(server.url, batch)
     n_tokens = tokens_in(batch)
-    body = request_bytes(_tinker_batch(batch))
+    body = request_bytes(tinker_batch(batch))
     raw = n_tokens * (4 + 4 + 4)  # int32 input token, int32 target, float32 weight
     ratio = inproc["p50_s"] / remote["pipelined"]["p50_s"]
     client_result = {

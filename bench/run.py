@@ -2,6 +2,7 @@
 
     python -m bench.run            # everything
     python -m bench.run baseline   # only the in-process baseline
+    TWINKLE_BENCH_SESSIONS=200 python -m bench.run multitenant   # fewer sessions for B7 (default 1000)
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -37,11 +39,13 @@ def baseline(state_dir: str) -> dict:
     from bench.inprocess import make_engine, sampling_throughput, train_step_time
     from bench.workloads import BATCH_SIZE, BENCH_MODEL, LORA_RANK, SEQ_LEN
 
+    started = time.perf_counter()
     engine = make_engine(state_dir)
     train = train_step_time(engine)
     sample = sampling_throughput(engine)
     result = {"model": BENCH_MODEL, "batch": [BATCH_SIZE, SEQ_LEN], "lora_rank": LORA_RANK,
-              "train": train, "sampling": sample, "env": environment()}
+              "train": train, "sampling": sample, "env": environment(),
+              "wall_s": time.perf_counter() - started}
     print(f"in-process: {train['p50_s'] * 1000:.1f} ms/step, {train['train_tokens_per_s']:.0f} train tok/s; "
           f"sampling {sample['sampled_tokens_per_s']:.0f} tok/s")
     write("baseline", result)
@@ -51,9 +55,11 @@ def baseline(state_dir: str) -> dict:
 def rpc_overhead(state_dir: str) -> dict:
     from bench.remote import remote_paths
 
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="twinkle-bench-") as work:
         result, client = remote_paths(state_dir, work)
     result["env"] = client["env"] = environment()
+    result["wall_s"] = client["wall_s"] = time.perf_counter() - started
     print(f"SDK via server: {result['sdk_pipelined_step_s'] * 1000:.1f} ms/step pipelined vs "
           f"{result['inprocess_step_s'] * 1000:.1f} ms in-process -> ratio {result['ratio']:.3f}; "
           f"trivial round trip {result['trivial_round_trip_ms']:.1f} ms; "
@@ -66,14 +72,30 @@ def rpc_overhead(state_dir: str) -> dict:
     return result
 
 
-BENCHMARKS = {"baseline": baseline, "rpc_overhead": rpc_overhead}
+def multitenant(state_dir: str) -> dict:
+    from bench.multitenant import run
+
+    started = time.perf_counter()
+    result = run(state_dir)
+    result["wall_s"] = time.perf_counter() - started
+    result["env"] = environment()
+    write("multitenant", result)
+    return result
+
+
+BENCHMARKS = {"baseline": baseline, "rpc_overhead": rpc_overhead, "multitenant": multitenant}
 
 
 def main(argv: list[str]) -> None:
     names = argv or list(BENCHMARKS)
-    state_dir = os.environ.get("TWINKLE_STATE_DIR") or tempfile.mkdtemp(prefix="twinkle-bench-")
-    for name in names:
-        BENCHMARKS[name](state_dir)
+    given = os.environ.get("TWINKLE_STATE_DIR")
+    state_dir = given or tempfile.mkdtemp(prefix="twinkle-bench-")
+    try:
+        for name in names:
+            BENCHMARKS[name](state_dir)
+    finally:
+        if not given:  # our own scratch state (built models, a store): nothing to keep
+            shutil.rmtree(state_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

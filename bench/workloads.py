@@ -24,6 +24,15 @@ def sft_batch(vocab_size: int, seed: int = 0, batch_size: int = BATCH_SIZE, seq_
     return data
 
 
+def tinker_batch(batch: list[Datum]) -> list:
+    """The same batch as the Tinker SDK's datums (cross-entropy inputs), for SDK clients."""
+    from tinker import types
+
+    return [types.Datum(model_input=types.ModelInput.from_ints(d.input_tokens.tolist()),
+                        loss_fn_inputs={"target_tokens": d.loss_inputs["target_tokens"].tolist(),
+                                        "weights": d.loss_inputs["weights"].tolist()}) for d in batch]
+
+
 def tokens_in(batch: list[Datum]) -> int:
     return int(sum(len(d.input_tokens) for d in batch))
 
