@@ -117,7 +117,7 @@ def _score_prompt(logits: torch.Tensor, prompt: torch.Tensor, job: SampleRequest
     if job.topk_prompt_logprobs:
         scores.topk += _topk_lists(log_dist.cpu(), job.topk_prompt_logprobs)
     if job.target_prompt_logprobs is not None:
-        wanted = torch.as_tensor(np.asarray(job.target_prompt_logprobs, dtype=np.int64), device=logits.device)
+        wanted = torch.from_numpy(np.array(job.target_prompt_logprobs, dtype=np.int64)).to(logits.device)
         values = log_dist.gather(-1, wanted.clamp(min=0))
         scores.targets = values.masked_fill(wanted < 0, 0.0).cpu().tolist()
     if alt_k:

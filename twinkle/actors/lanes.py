@@ -165,7 +165,7 @@ class TrainLane(Lane):
 
     def next_batch(self) -> Batch:
         heads = [queue[0] for queue in self.queues.values()]
-        others = [item for item in heads if item.method not in PASS_METHODS]
+        others = [item for item in heads if item.method not in PASS_METHODS][: self.max_items]
         if others:
             self._take(others)
             return Batch("ops", others)

@@ -245,14 +245,17 @@ class LoraPass:
         if name not in self.layers:
             return out
         weights = self.weights(name)
+        # split, not slices: the backward of a split is one concatenation, where every slice would
+        # back-propagate into a zero-filled copy of the whole batch
+        parts = x.split([end - start for _, start, end in self._segments]) if len(self._segments) > 1 else (x,)
         pieces = []
-        for j, start, end in self._segments:
+        for (j, start, end), part in zip(self._segments, parts):
             pair = weights[j]
             if pair is None:
                 pieces.append(out.new_zeros((end - start, *out.shape[1:]), dtype=torch.float32))
                 continue
             a, b = pair
-            pieces.append((x[start:end].to(a.dtype) @ a.transpose(0, 1)) @ b.transpose(0, 1) * self.entries[j].scale)
+            pieces.append((part.to(a.dtype) @ a.transpose(0, 1)) @ (b.transpose(0, 1) * self.entries[j].scale))
         delta = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         return out + delta.to(out.dtype)
 

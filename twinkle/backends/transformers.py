@@ -305,7 +305,7 @@ class TransformersBackend(TrainingBackend, SamplingBackend):
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.full((len(data), longest), pad, dtype=torch.long)
         for i, d in enumerate(data):
-            ids[i, : lengths[i]] = torch.as_tensor(np.asarray(d.input_tokens), dtype=torch.long)
+            ids[i, : lengths[i]] = torch.from_numpy(np.array(d.input_tokens, dtype=np.int64))
         mask = None
         if min(lengths) != longest:
             mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]).long().to(self.device)
@@ -313,7 +313,7 @@ class TransformersBackend(TrainingBackend, SamplingBackend):
         out = []
         for i, d in enumerate(data):
             row = logits[i, : lengths[i]]
-            targets = torch.as_tensor(np.asarray(d.loss_inputs["target_tokens"]), dtype=torch.long, device=self.device)
+            targets = torch.from_numpy(np.array(d.loss_inputs["target_tokens"], dtype=np.int64)).to(self.device)
             lse = torch.logsumexp(row, dim=-1)
             if targets.ndim == 1:
                 out.append(row.gather(-1, targets[:, None])[:, 0] - lse)
@@ -354,5 +354,5 @@ class TransformersBackend(TrainingBackend, SamplingBackend):
 
 
 def _loss_inputs(datum, device) -> dict[str, torch.Tensor]:
-    return {k: torch.as_tensor(np.ascontiguousarray(v)).to(device) for k, v in datum.loss_inputs.items()
-            if k != "target_tokens"}
+    # a copy: arrays decoded from a request body are read-only, and torch wants to own what it wraps
+    return {k: torch.from_numpy(np.array(v)).to(device) for k, v in datum.loss_inputs.items() if k != "target_tokens"}
