@@ -256,3 +256,23 @@ def test_bfloat16_base_model_trains_tenants_in_one_pass(make_engine):
     assert last < 0.8 * first, (first, last)
     sampled = engine.sample("ce-r4", [5, 6, 7], SamplingParams(max_tokens=4, seed=0))
     assert len(sampled.sequences[0].tokens) == 4 and all(np.isfinite(sampled.sequences[0].logprobs))
+
+
+@pytest.mark.parametrize("lora", [LoraConfig(rank=8, seed=0), LoraConfig(rank=4, seed=123, train_mlp=False)])
+def test_a_seed_starts_the_adapter_where_peft_would(make_engine, tiny_path, lora):
+    """Same seed, same starting weights as peft's default LoRA init on the same base model."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from twinkle.lora import peft_config
+
+    engine = make_engine()
+    engine.create_adapter("seeded", lora)
+    torch.manual_seed(lora.seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path),
+                           peft_config(engine.table.leaf_kinds, lora, tiny_path))
+    want = {name.replace(".default.", "."): p.detach().numpy() for name, p in model.named_parameters()
+            if "lora_" in name}
+    got = engine.adapter_weights("seeded")
+    assert got.keys() == want.keys()
+    assert all(np.array_equal(got[k], want[k]) for k in want)

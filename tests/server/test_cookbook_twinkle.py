@@ -61,14 +61,16 @@ def test_dpo_margin_rises_over_http(server, tmp_path):
 
 
 def test_short_math_grpo_reward_rises_over_http(server, tmp_path):
-    lines = _run(server, "short_math_grpo.py", "--steps", "4", "--out", str(tmp_path / "grpo"))
+    # 12 RL steps: over seeds 0-5 the evaluation reward rose by 0.064 to 0.17 (4 steps: as little as
+    # 0.04, and RL's noise can undo that on another machine's numerics)
+    lines = _run(server, "short_math_grpo.py", "--steps", "12", "--out", str(tmp_path / "grpo"))
     warmup = [float(m[0]) for m in _matches(lines, rf"^warmup \d+ loss {NUMBER}$")]
     assert len(warmup) == 50 and warmup[-1] < warmup[0] / 5  # the warm-up taught the answer format
     steps = _matches(lines, rf"^step (\d+) reward {NUMBER} datums (\d+)")
-    assert [int(s[0]) for s in steps] == [1, 2, 3, 4]
+    assert [int(s[0]) for s in steps] == list(range(1, 13))
     assert all(0.0 < float(s[1]) < 1.0 and int(s[2]) > 0 for s in steps)  # mixed groups: a learning signal
     before, after = _final(lines, rf"^final: reward {NUMBER} -> {NUMBER}$")
-    assert after > before  # same evaluation draws before and after: the difference is the model's
+    assert after > before + 0.03  # same evaluation draws before and after: the difference is the model's
 
 
 def test_sample_from_checkpoint_over_http(server, tmp_path):

@@ -150,7 +150,7 @@ def memorised(service, tokenizer):
     tokens = prompt + answer
     datum = sft_datum(tokens, [0.0] * (len(prompt) - 1) + [1.0] * len(answer))
     client = new_training_client(service, seed=5)
-    # lr 2e-3 memorises in 34-41 steps for every seed tried; 5e-3 oscillated (22-116 steps)
+    # lr 2e-3 memorises in 37-43 steps for every seed tried (0-5); 5e-3 oscillated (21 to over 150)
     adam = types.AdamParams(learning_rate=2e-3, beta2=0.999, eps=1e-8)
     worst = []  # the lowest logprob of an answer token: above log(1/2) means greedy decoding gives it
     for _ in range(100):

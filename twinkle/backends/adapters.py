@@ -48,7 +48,7 @@ class AdapterTable:
 
     def __init__(self, bank: LoraBank, layer_kinds: dict[str, str], *, model_path: str, base_model: str) -> None:
         self.bank = bank
-        self.layer_kinds = layer_kinds
+        self.layer_kinds = layer_kinds  # adaptable layer path -> kind, in the model's module order
         self.leaf_kinds = {path.rsplit(".", 1)[-1]: kind for path, kind in layer_kinds.items()}
         self.model_path = model_path
         self.base_model = base_model
@@ -91,13 +91,25 @@ class AdapterTable:
             return adapter
 
     def _initialise(self, adapter: Adapter) -> None:
-        """A ~ U(-1/sqrt(in), 1/sqrt(in)) from the adapter's seed (PEFT's default), B = 0."""
+        """Draw the adapter's starting weights exactly as peft's default LoRA init does for the same
+        seed (B = 0, so the model starts unchanged): walking the model's layers in order, each
+        adapted layer's `nn.Linear(in, r)` and `nn.Linear(r, out)` initialise themselves, then A is
+        drawn again with kaiming_uniform(a=sqrt(5)). A seed gives the same adapter here as in peft."""
         generator = torch.Generator().manual_seed(int(adapter.lora.seed or 0))
+        rank = adapter.lora.rank
+
+        def kaiming(shape: tuple[int, int]) -> torch.Tensor:
+            return torch.nn.init.kaiming_uniform_(torch.empty(shape), a=math.sqrt(5), generator=generator)
+
         with self.bank.lock:
-            for layer in adapter.layers:
-                a, _ = self.bank.weight_views(adapter.slot, adapter.lora.rank, layer)
-                bound = 1.0 / math.sqrt(a.shape[1])
-                a.copy_(torch.empty(a.shape).uniform_(-bound, bound, generator=generator))
+            for layer in self.layer_kinds:  # the model's module order, as peft walks it
+                if layer not in adapter.layers:
+                    continue
+                fan_in, fan_out = self.bank.shapes[layer]
+                kaiming((rank, fan_in))  # nn.Linear(in, r) initialising itself
+                kaiming((fan_out, rank))  # nn.Linear(r, out)
+                a, _ = self.bank.weight_views(adapter.slot, rank, layer)
+                a.copy_(kaiming((rank, fan_in)))
 
     def remove(self, adapter_id: str) -> None:
         with self.lock:
