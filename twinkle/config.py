@@ -119,6 +119,8 @@ class TimeoutsConfig(_Strict):
     adapter_idle_s: float = Field(900.0, gt=0, description="offload adapters idle this long to disk")
     model_idle_release_s: float = Field(600.0, gt=0, description="release a model's workers when unused")
     seq_gap_s: float = Field(10.0, gt=0, description="stop waiting for a missing seq_id after this long")
+    autosave_s: float = Field(300.0, ge=0, description="save a training model's full state after its first step "
+                              "and then this often, so a worker crash loses at most this much work (0: never)")
     result_ttl_s: float = Field(86400.0, gt=0, description="keep finished results this long")
     sweep_interval_s: float = Field(10.0, gt=0)
 

@@ -79,6 +79,13 @@ class SessionExpiredError(TwinkleError):
     category = "user"
 
 
+class StateLostError(TwinkleError):
+    """The server lost a model's live state (a worker crashed) and holds no saved copy (HTTP 410)."""
+
+    status_code = 410
+    category = "server"
+
+
 class CapacityError(TwinkleError):
     """The server is at capacity; retry later (HTTP 429)."""
 
@@ -110,6 +117,7 @@ _BY_NAME = {
         NotFoundError,
         ConflictError,
         SessionExpiredError,
+        StateLostError,
         CapacityError,
         QuotaExceededError,
         ServerUnavailableError,

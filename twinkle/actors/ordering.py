@@ -33,6 +33,13 @@ class SeqOrdering:
         self.release = release
         self._queues: dict[str, _Queue] = {}
 
+    def knows(self, target_id: str) -> bool:
+        return target_id in self._queues
+
+    def begin(self, target_id: str, next_seq: int) -> None:
+        """Start a target's queue at `next_seq` (a restarted scheduler continues where its store says)."""
+        self._queues.setdefault(target_id, _Queue(next_seq=next_seq))
+
     def add(self, item: WorkItem) -> None:
         if not item.ordered or item.seq_id is None:
             self.release(item)

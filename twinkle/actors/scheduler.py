@@ -5,6 +5,8 @@ It composes parts with one job each:
 - `lanes.TrainLane` gathers the released forward passes of all tenants into shared passes, and
   `lanes.SampleLane` batches sampling beside it, each on its own thread, fairly by tokens;
 - `bookkeeping` declares what the store learns from each method's result;
+- `supervisor.WorkerSupervisor` runs the worker group: started on use, released when idle,
+  replaced when a worker dies (`recovery` finds each model's newest saved state);
 - this class admits requests (exactly once, within each tenant's quota), runs batches through
   `ModelService` (the same code as local mode), wakes waiting long polls the moment a result is in
   (push, never poll) and stores results, so they survive a restart of the HTTP layer.
@@ -16,20 +18,20 @@ import asyncio
 import concurrent.futures
 import logging
 import shutil
-import threading
 import time
 import traceback
 from collections import Counter, OrderedDict, deque
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from twinkle import layout, wire
-from twinkle.actors import bookkeeping
+from twinkle.actors import bookkeeping, recovery
 from twinkle.actors.lanes import Batch, SampleLane, TrainLane
 from twinkle.actors.ordering import SeqOrdering
+from twinkle.actors.supervisor import WorkerSupervisor
 from twinkle.actors.work import STEP_METHODS, WorkItem
 from twinkle.api.service import CREATE_MODEL_METHODS, Work
+from twinkle.api.spec import API_METHODS, CreateModelArgs
 from twinkle.config import ModelConfig, QuotasConfig, TimeoutsConfig
 from twinkle.errors import QuotaExceededError, TwinkleError
 from twinkle.ids import is_adhoc_sampler
@@ -57,9 +59,7 @@ class ModelScheduler:
         self._threads = {lane: concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=lane)
                          for lane in ("train", "sample")}
         self._service = None
-        self._group = None
-        self._engine_lock = threading.Lock()
-        self._engine_users = 0
+        self._workers: WorkerSupervisor | None = None
         self._waiters: dict[str, list[asyncio.Future]] = {}
         self._results: OrderedDict[str, Outcome] = OrderedDict()
         self._paths: dict[str, tuple[str, str]] = {}  # model_id -> (tenant, run_dir)
@@ -76,6 +76,8 @@ class ModelScheduler:
         self._ordering: SeqOrdering | None = None
         self._train: TrainLane | None = None
         self._sample: SampleLane | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._autosaved: dict[str, float] = {}  # model_id -> when its state was last saved
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> dict:
@@ -83,6 +85,7 @@ class ModelScheduler:
         loop = asyncio.get_running_loop()
         if not self._started:
             self._started = True
+            self._loop = loop
             time_sliced = self.model.batching == "time_sliced"
             self._train = TrainLane(self._executor("train"), self._resolve_item, budget=self.model.pass_tokens,
                                     max_models=self.model.max_adapters, time_sliced=time_sliced)
@@ -92,15 +95,18 @@ class ModelScheduler:
             self._tasks = [loop.create_task(self._train.run_forever()), loop.create_task(self._sample.run_forever()),
                            loop.create_task(self._sweep_loop())]
             await loop.run_in_executor(self._threads["train"], self._make_service)
+            await loop.run_in_executor(None, self.store.fail_pending_futures, self.model.name, {
+                "error": "the server restarted before this request ran; send it again", "category": "server",
+                "status_code": 503})
         if self.model.preload:
-            await loop.run_in_executor(self._threads["train"], self._preload)
+            await loop.run_in_executor(self._threads["train"], self._workers.start)
         return await self.info()
 
     async def info(self) -> dict:
         info = dict(self._service.model_info) if self._service and self._service.model_info else {}
         if not info:
             info = await asyncio.get_running_loop().run_in_executor(self._threads["train"], self._static_info)
-        info.update(name=self.model.name, running=self._group is not None)
+        info.update(name=self.model.name, running=bool(self._workers and self._workers.running))
         if self.model.max_context_length:
             info["max_context"] = self.model.max_context_length
         if not self._published and self.model.source in BUILTIN_MODELS:
@@ -129,62 +135,39 @@ class ModelScheduler:
             allow_custom_loss=self.trust_remote_code, max_sampler_adapters=self.model.sampler.max_loaded_adapters,
             max_resident_models=self.model.max_adapters,
             max_resident_per_tenant=lambda tenant: self.quotas.of(tenant).max_resident_adapters)
+        self._workers = WorkerSupervisor(self.model, str(self.state_dir), self._service, recover=self._recover,
+                                         loop=self._loop, rebuild_on=self._threads["train"],
+                                         on_status=self.store.set_model_status)
 
-    @contextmanager
-    def _using_engine(self):
-        """Run with the workers started (first use, or after scaling to zero); they stay while in use."""
-        with self._engine_lock:
-            self._ensure_engine()
-            self._engine_users += 1
-        try:
-            yield
-        finally:
-            with self._engine_lock:
-                self._engine_users -= 1
+    def _recover(self, model_id: str) -> tuple[Path | None, str]:
+        tenant, run_dir = self._paths_of(model_id)
+        candidates = [layout.offload_folder(self.state_dir, tenant, run_dir)]
+        last = self.store.last_checkpoints(model_id).get("training")
+        if last is not None:
+            candidates.append(Path(last["folder"]))
+        found = recovery.newest_state(candidates)
+        live = self._service.models[model_id].step if model_id in self._service.models else None
+        folder, saved = found if found else (None, None)
+        return folder, recovery.recovery_note(folder, saved, live)
 
-    def _preload(self) -> None:
-        with self._using_engine():
-            pass
-
-    def _ensure_engine(self) -> None:
-        if self._service.backend is not None:
+    def _adopt(self, model_id: str) -> None:
+        """A model of this base model that the service does not know (the server restarted): take
+        it on from the store, to be restored from its newest saved state on use."""
+        row = self.store.get_model(model_id, None)
+        if row is None or row["base_model"] != self.model.name or row["status"] == "unloaded":
             return
-        from twinkle.actors.group import ActorGroup
-        from twinkle.actors.remote_backend import RayBackend
-        from twinkle.actors.workers import WORKER_THREADS, BackendWorker
-        from twinkle.backends.base import BackendConfig
-
-        cfg = self.model
-        config = BackendConfig(
-            base_model=cfg.source, backend=cfg.backend, state_dir=str(self.state_dir), dtype=cfg.dtype,
-            device=cfg.device, max_lora_rank=cfg.max_lora_rank,
-            max_adapters=cfg.max_adapters + cfg.sampler.max_loaded_adapters,
-            micro_batch_tokens=cfg.micro_batch_tokens, num_threads=cfg.num_threads)
-        started = time.time()
-        self._group = ActorGroup(BackendWorker, cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
-                                 gpus_per_worker=cfg.gpus_per_worker, strategy=cfg.placement_strategy,
-                                 init_kwargs={"config": config}, max_concurrency=WORKER_THREADS)
-        backend = RayBackend(self._group)
-        if cfg.max_context_length:
-            backend._info["max_context"] = cfg.max_context_length
-        self._service.attach_backend(backend)
-        log.info("%s: %d worker(s) ready in %.1fs", cfg.name, cfg.num_workers, time.time() - started)
-
-    def _release_engine_if_idle(self) -> None:
-        with self._engine_lock:
-            if self._engine_users or self._service.backend is None:
-                return
-            backend = self._service.detach_backend()
-            backend.shutdown()
-            self._group = None
-        log.info("%s: released its workers (scale to zero)", self.model.name)
+        self._paths[model_id] = (row["tenant"], row["run_dir"])
+        folder, note = self._recover(model_id)
+        args = recovery.adoption_args(folder, self.model.name) if folder is not None else None
+        self._service.adopt(model_id, args or CreateModelArgs(base_model=self.model.name), row["tenant"], folder,
+                            None if folder is not None else note)
 
     async def shutdown(self) -> None:
+        """Save every resident model (a restarted server restores them), then stop the workers."""
         for task in self._tasks:
             task.cancel()
-        if self._service is not None and self._group is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._group.shutdown)
-            self._group = None
+        if self._workers is not None and self._workers.running:
+            await asyncio.get_running_loop().run_in_executor(self._threads["train"], self._workers.save_and_stop)
 
     # ---------------------------------------------------------------- paths
     def _checkpoint_path(self, model_id: str, kind: str, name: str) -> Path:
@@ -224,6 +207,9 @@ class ModelScheduler:
         self._last_activity = time.time()
         if item.method in CREATE_MODEL_METHODS:
             self._paths[item.target_id] = (item.tenant, item.record["run_dir"])
+        if item.ordered and item.seq_id is not None and not self._ordering.knows(item.target_id):
+            first = await asyncio.get_running_loop().run_in_executor(None, self.store.next_train_seq, item.target_id)
+            self._ordering.begin(item.target_id, first)
         self._ordering.add(item)
         return None
 
@@ -299,11 +285,21 @@ class ModelScheduler:
     def _run_batch(self, batch: Batch) -> dict[str, Outcome]:
         """Run a lane's batch on that lane's thread; one outcome per request, failures included."""
         started = time.perf_counter()
+        group = None
         try:
-            with self._using_engine():
+            with self._workers.using() as group:
                 results = self._results_of(batch)
         except Exception as exc:  # the workers could not start or died: every request of the batch fails
             results = {item.request_id: exc for item in batch.items}
+        losses = [r for r in results.values() if isinstance(r, BaseException) and recovery.is_worker_loss(r)]
+        if losses:
+            notes = self._workers.on_loss(group, losses[0])
+            for item in batch.items:
+                if isinstance(results[item.request_id], BaseException) and recovery.is_worker_loss(results[item.request_id]):
+                    note = notes.get(item.target_id, "")
+                    results[item.request_id] = TwinkleError(
+                        "the worker running this request died and was restarted; the request did not run, send it "
+                        "again" + (f" ({note})" if note else ""))
         outcomes = {}
         for item in batch.items:
             result = results[item.request_id]
@@ -325,6 +321,10 @@ class ModelScheduler:
         for item in batch.items:
             if item.target_id in service.models:
                 self._last_used[item.target_id] = now
+        for item in batch.items:
+            if API_METHODS[item.method].target == "model" and item.method not in CREATE_MODEL_METHODS \
+                    and item.target_id not in service.models:
+                self._adopt(item.target_id)
         work = {item.request_id: Work(item.request_id, item.target_id, item.args, item.method) for item in batch.items}
         if batch.kind == "pass":
             models = len({item.target_id for item in batch.items})
@@ -341,6 +341,7 @@ class ModelScheduler:
             return results
         steps = [work[i.request_id] for i in batch.items if i.method in STEP_METHODS]
         results = service.run_steps(steps) if steps else {}
+        self._autosave([w.target_id for w in steps if not isinstance(results.get(w.request_id), BaseException)])
         for item in batch.items:
             if item.method in STEP_METHODS:
                 continue
@@ -349,6 +350,17 @@ class ModelScheduler:
             except Exception as exc:
                 results[item.request_id] = exc
         return results
+
+    def _autosave(self, model_ids: list[str]) -> None:
+        """Save the state of models that just stepped, after their first step and then every
+        `autosave_s`, so a worker crash costs at most that much of their work."""
+        every = self.timeouts.autosave_s
+        if not every:
+            return
+        now = time.time()
+        for model_id in dict.fromkeys(model_ids):
+            if now - self._autosaved.get(model_id, 0.0) >= every and self._service.autosave(model_id):
+                self._autosaved[model_id] = now
 
     # ----------------------------------------------------- idle management
     async def _sweep_loop(self) -> None:
@@ -372,7 +384,7 @@ class ModelScheduler:
                 self.store.set_model_status(model_id, "offloaded")
                 log.info("%s: offloaded idle model %s", self.model.name, model_id)
         if not service.resident_models and now - self._last_activity > self.timeouts.model_idle_release_s:
-            self._release_engine_if_idle()
+            self._workers.release_if_idle()
 
     async def end_session(self, model_ids: list[str]) -> None:
         """Their session ended: offload these models (they come back on their next request) and
@@ -411,7 +423,7 @@ class ModelScheduler:
 
         return {
             "name": self.model.name,
-            "running": self._group is not None,
+            "running": bool(self._workers and self._workers.running),
             "device": service.model_info.get("device") if service else None,
             "dtype": self.model.dtype,
             "queued": (self._train.queued() + self._sample.queued()) if self._train else 0,
@@ -423,6 +435,7 @@ class ModelScheduler:
             "restores": service.restores if service else 0,
             **{name: counters[name] for name in ("train_passes", "train_pass_requests", "shared_train_passes",
                                                  "max_models_per_pass", "sample_batches", "sample_requests")},
+            "worker_losses": self._workers.losses if self._workers else 0,
             "execute_ms_p50": {k: round(1000 * sorted(d)[len(d) // 2], 2) for k, d in self._timings.items() if d},
         }
 

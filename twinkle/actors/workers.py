@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from dataclasses import replace
 
 from twinkle.backends.base import BackendConfig, SamplingBackend, TrainingBackend
@@ -21,6 +22,7 @@ CALLABLE = frozenset(
     name for cls in (TrainingBackend, SamplingBackend) for name in dir(cls) if not name.startswith("_")
 ) | {"adapter_weights", "stats"}
 WORKER_THREADS = 2  # one for the train lane, one for the sample lane
+ACTOR_CONCURRENCY = WORKER_THREADS + 1  # and one held by the scheduler's `watch` call
 
 
 def _worker_threads(config: BackendConfig) -> BackendConfig:
@@ -44,6 +46,10 @@ class BackendWorker:
 
     def ready(self) -> dict:
         return {"rank": self.rank, "pid": os.getpid(), **self.backend.info()}
+
+    def watch(self) -> None:
+        """Never returns: the scheduler learns of this worker's death the moment this call fails."""
+        threading.Event().wait()
 
     def call(self, method: str, *args, **kwargs):
         """Run a backend method by name; Twinkle errors travel back as themselves."""

@@ -25,12 +25,13 @@ from pathlib import Path
 from twinkle.api.spec import (API_METHODS, CreateModelArgs, CreateSamplerArgs, Empty, ForwardArgs, FromCheckpointArgs,
                               LoadArgs, ModelInfo, SampleArgs, SamplerInfo, SaveArgs, SaveSamplerArgs, StepArgs)
 from twinkle.backends.base import ForwardRequest, SampleRequest, SamplingBackend, StepRequest, TrainingBackend
-from twinkle.errors import InvalidInputError, NotFoundError, PermissionDeniedError, TwinkleError
+from twinkle.errors import InvalidInputError, NotFoundError, PermissionDeniedError, StateLostError, TwinkleError
 from twinkle.layout import SNAPSHOT_PREFIX, SNAPSHOTS_KEPT
 from twinkle.types import CheckpointInfo, ForwardResult, SampleResult, StepResult, TrainState
 
 CheckpointPathFn = Callable[[str, str, str], Path]  # (model_id, kind, name) -> folder
 OffloadPathFn = Callable[[str], Path]  # model_id -> folder for its offloaded state
+RecoverFn = Callable[[str], tuple[Path | None, str]]  # model_id -> (newest saved state or None, what was lost)
 Result = object  # a method's result, or the TwinkleError it failed with
 CREATE_MODEL_METHODS = ("create_model", "create_model_from_checkpoint")
 
@@ -40,6 +41,8 @@ class _ModelRecord:
     args: CreateModelArgs
     tenant: str | None = None
     pending_micro_steps: int = 0
+    step: int = 0  # optimizer steps applied (what a crash would lose back to the last saved state)
+    recovered: str | None = None  # what the server restored after losing live state
 
 
 @dataclass
@@ -94,6 +97,7 @@ class ModelService:
         self.models: dict[str, _ModelRecord] = {}
         self._resident: OrderedDict[str, None] = OrderedDict()  # models whose adapter is in the backend (LRU)
         self._offloaded: dict[str, Path] = {}
+        self._lost: dict[str, str] = {}  # model_id -> why its state is gone (a worker crashed, nothing saved)
         self.samplers: dict[str, _SamplerRecord] = {}
         self._sampler_adapters: OrderedDict[str, tuple[str, str]] = OrderedDict()  # path -> (adapter, version)
         self._snapshots: dict[str, list[str]] = {}  # model_id -> folders of its unnamed snapshots, oldest first
@@ -123,9 +127,55 @@ class ModelService:
             self._sampler_adapters.clear()
             return backend
 
+    def lose_backend(self, recover: RecoverFn) -> dict[str, str]:
+        """The backend died with the live state of the resident models. Each comes back from the
+        newest state `recover` finds (restored on its next request, noting what was lost), or is
+        marked lost. Returns model_id -> note."""
+        with self._lock, self._sampler_lock:
+            notes = {}
+            for model_id in list(self._resident):
+                folder, note = recover(model_id)
+                if folder is not None:
+                    self._offloaded[model_id] = folder
+                    self.models[model_id].recovered = note
+                else:
+                    self._lost[model_id] = note
+                notes[model_id] = note
+            self._resident.clear()
+            self.backend = self.sampler_backend = None
+            self._sampler_adapters.clear()
+            return notes
+
+    def adopt(self, model_id: str, args: CreateModelArgs, tenant: str | None, folder: Path | None,
+              note: str | None = None) -> None:
+        """Take on a model known only from the store and disk (after a server restart): it is
+        restored from `folder` on its next request, or reported lost with `note` if there is none."""
+        with self._lock:
+            if model_id in self.models:
+                return
+            self.models[model_id] = _ModelRecord(args, tenant, recovered=note)
+            if folder is not None:
+                self._offloaded[model_id] = folder
+            else:
+                self._lost[model_id] = note or "the server holds no saved state of this model"
+
+    def autosave(self, model_id: str) -> bool:
+        """Write a resident model's full state to its offload folder (it stays resident), so a crash
+        loses only the steps since; returns whether anything was written."""
+        with self._lock:
+            if model_id not in self._resident or self.offload_path is None:
+                return False
+            self.backend.save(model_id, self.offload_path(model_id), with_optimizer=True, include_gradients=True,
+                              metadata=self._api_settings(model_id))
+            return True
+
     @property
     def resident_models(self) -> list[str]:
         return list(self._resident)
+
+    @property
+    def lost_models(self) -> set[str]:
+        return set(self._lost)
 
     def offload(self, model_id: str) -> None:
         """Save a model's adapter, optimizer and pending gradients to disk and free its slot."""
@@ -135,7 +185,8 @@ class ModelService:
             if self.offload_path is None:
                 raise RuntimeError("this service has no offload folder")
             folder = self.offload_path(model_id)
-            self.backend.save(model_id, folder, with_optimizer=True, include_gradients=True)
+            self.backend.save(model_id, folder, with_optimizer=True, include_gradients=True,
+                              metadata=self._api_settings(model_id))
             self.backend.remove_adapter(model_id)
             del self._resident[model_id]
             self._offloaded[model_id] = folder
@@ -196,6 +247,8 @@ class ModelService:
                 record = self.models[model_id]
             except KeyError:
                 raise NotFoundError(f"no training model {model_id!r}", field="model_id") from None
+            if model_id in self._lost:
+                raise StateLostError(self._lost[model_id], field="model_id")
             self._ensure_resident([model_id])
             return record
 
@@ -207,7 +260,7 @@ class ModelService:
             schedule=described["schedule"], loss=args.loss, loss_config=args.loss_config,
             grad_accumulation_steps=args.grad_accumulation_steps, vocab_size=self.model_info["vocab_size"],
             max_context=self.model_info["max_context"], tokenizer_path=self.model_info["model_path"],
-            train_state=described["train_state"],
+            train_state=described["train_state"], recovered=self.models[model_id].recovered,
         )
 
     def _check_default_loss(self, args: CreateModelArgs) -> None:
@@ -239,11 +292,9 @@ class ModelService:
                 del self.models[model_id]
                 raise
             described = self.backend.describe(model_id)
-            settings = {k: v for k, v in described["metadata"].get("api", {}).items()
-                        if k in ("loss", "loss_config", "grad_accumulation_steps")}
             self.models[model_id].args = CreateModelArgs(
                 base_model=self.base_model, lora=described["lora"], optimizer=described["adam"],
-                schedule=described["schedule"], name=args.name, **settings)
+                schedule=described["schedule"], name=args.name, **self.settings_from(described))
             self._resident[model_id] = None
         return self._info(model_id)
 
@@ -262,9 +313,11 @@ class ModelService:
         results: dict[str, Result] = {}
         requests = []
         with self._lock:
-            known = [w for w in batch if w.target_id in self.models]
+            known = [w for w in batch if w.target_id in self.models and w.target_id not in self._lost]
             for work in batch:
-                if work.target_id not in self.models:
+                if work.target_id in self._lost:
+                    results[work.request_id] = StateLostError(self._lost[work.target_id], field="model_id")
+                elif work.target_id not in self.models:
                     results[work.request_id] = NotFoundError(f"no training model {work.target_id!r}",
                                                              field="model_id")
             self._ensure_resident(list(dict.fromkeys(w.target_id for w in known)))
@@ -306,9 +359,13 @@ class ModelService:
                 record.pending_micro_steps = 0
                 due.append(StepRequest(work.request_id, work.target_id, work.args.optimizer))
         if due:
+            targets = {request.request_id: request.adapter_id for request in due}
             for request_id, outcome in self.backend.optim_step(due).items():
-                results[request_id] = StepResult(metrics={**outcome.result.metrics, "applied": 1.0}) \
-                    if outcome.ok else _error(outcome)
+                if not outcome.ok:
+                    results[request_id] = _error(outcome)
+                    continue
+                results[request_id] = StepResult(metrics={**outcome.result.metrics, "applied": 1.0})
+                self.models[targets[request_id]].step = int(outcome.result.metrics.get("step", 0))
         return results
 
     def step(self, model_id: str, args: StepArgs) -> StepResult:
@@ -321,14 +378,25 @@ class ModelService:
             raise result
         return result
 
+    def _api_settings(self, model_id: str) -> dict:
+        """The model's API settings, kept in every folder its state is saved to (and read back when a
+        model is created from one)."""
+        args = self.models[model_id].args
+        return {"api": {"loss": args.loss, "loss_config": args.loss_config,
+                        "grad_accumulation_steps": args.grad_accumulation_steps}}
+
+    @staticmethod
+    def settings_from(described: dict) -> dict:
+        """CreateModelArgs fields recorded in a saved model's metadata."""
+        return {k: v for k, v in described.get("metadata", {}).get("api", {}).items()
+                if k in ("loss", "loss_config", "grad_accumulation_steps")}
+
     def save(self, model_id: str, args: SaveArgs) -> CheckpointInfo:
-        record = self._record(model_id)
+        self._record(model_id)
         path = self.checkpoint_path(model_id, args.kind, args.name)
         with_optimizer = args.with_optimizer and args.kind == "weights"
-        api = {"loss": record.args.loss, "loss_config": record.args.loss_config,
-               "grad_accumulation_steps": record.args.grad_accumulation_steps}
         return self.backend.save(model_id, path, with_optimizer=with_optimizer, overwrite=args.overwrite,
-                                kind=args.kind, metadata={"api": api})
+                                 kind=args.kind, metadata=self._api_settings(model_id))
 
     def load(self, model_id: str, args: LoadArgs) -> TrainState:
         self._record(model_id)
@@ -346,6 +414,7 @@ class ModelService:
                 self.backend.remove_adapter(model_id)
                 del self._resident[model_id]
             self._offloaded.pop(model_id, None)
+            self._lost.pop(model_id, None)
             del self.models[model_id]
         return Empty()
 

@@ -42,6 +42,7 @@ class ModelInfo(_Model):
     max_context: int
     tokenizer_path: str
     train_state: TrainState = Field(default_factory=TrainState)
+    recovered: str | None = None  # set when the server lost live state and restored an earlier one
 
 
 class ForwardArgs(_Model):

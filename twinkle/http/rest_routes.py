@@ -51,7 +51,7 @@ async def _training_run(ctx, model: dict) -> dict:
         "base_model": model["base_model"],
         "model_owner": model["tenant"],
         "is_lora": True,
-        "corrupted": False,
+        "corrupted": model["status"] == "lost",  # its worker died with it and nothing was saved
         "lora_rank": model["lora"].get("rank"),
         "last_request_time": _iso(model["last_request_at"]),
         "last_checkpoint": checkpoint_json(last["training"]) if "training" in last else None,

@@ -32,6 +32,7 @@ class RunningServer:
         from ray import serve
 
         log.info("stopping Twinkle")
+        self._save_models()
         if self.embedded_ray:  # everything runs in the Ray this process started: stopping it stops all
             ray.shutdown()
             return
@@ -41,10 +42,18 @@ class RunningServer:
             log.warning("serve shutdown: %s", exc)
         for name, handle in self.schedulers.items():
             try:
-                ray.get(handle.shutdown.remote(), timeout=30)
                 ray.kill(handle)
             except Exception as exc:  # noqa: BLE001
                 log.warning("scheduler %s shutdown: %s", name, exc)
+
+    def _save_models(self, timeout_s: float = 60.0) -> None:
+        """Each scheduler saves its resident models and stops its workers; a restart restores them."""
+        import ray
+
+        try:
+            ray.get([handle.shutdown.remote() for handle in self.schedulers.values()], timeout=timeout_s)
+        except Exception as exc:  # noqa: BLE001 - a stop must finish; what was saved stays saved
+            log.warning("saving models at shutdown: %s", exc)
 
 
 def start_server(config: ServerConfig, *, on_ray_started=None) -> RunningServer:

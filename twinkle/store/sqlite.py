@@ -285,6 +285,19 @@ class Store:
             db.execute("UPDATE futures SET status=?, error=?, completed_at=? WHERE request_id=? AND status=?",
                        (FAILED, json.dumps(error), time.time(), request_id, PENDING))
 
+    def fail_pending_futures(self, base_model: str, error: dict) -> int:
+        """A scheduler starting afresh can never run what its predecessor had queued: fail it."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE futures SET status=?, error=?, completed_at=? WHERE status=? AND base_model=?",
+                             (FAILED, json.dumps(error), time.time(), PENDING, base_model))
+            return cur.rowcount
+
+    def next_train_seq(self, target_id: str) -> int:
+        """The seq_id a model's next ordered request has, after those already run (for a restarted scheduler)."""
+        row = self._conn().execute("SELECT MAX(seq_id) FROM futures WHERE target_id=? AND kind='train' AND status!=?",
+                                   (target_id, PENDING)).fetchone()
+        return 0 if row[0] is None else int(row[0]) + 1
+
     def delete_future(self, request_id: str) -> None:
         """Forget a future that was never queued (refused by a quota), so a retry starts afresh."""
         with self._tx() as db:
