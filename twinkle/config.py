@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 API_KEYS_ENV = "TWINKLE_API_KEYS"
+ADMIN_KEYS_ENV = "TWINKLE_ADMIN_KEYS"
 
 
 class _Strict(BaseModel):
@@ -76,15 +77,17 @@ class ModelConfig(_Strict):
 
 class AuthConfig(_Strict):
     api_keys: dict[str, str] = Field(default_factory=dict, description="tenant -> API key")
+    admin_keys: dict[str, str] = Field(default_factory=dict, description="operator -> key for the operator "
+                                       f"routes (/api/v1/admin/...); also ${ADMIN_KEYS_ENV}")
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", "admin_keys")
     @classmethod
     def _keys_unique(cls, keys: dict[str, str]) -> dict[str, str]:
         if len(set(keys.values())) != len(keys):
-            raise ValueError("two tenants share one API key")
-        for tenant, key in keys.items():
-            if not tenant or not key:
-                raise ValueError("tenants and keys must be non-empty")
+            raise ValueError("two tenants (or operators) share one key")
+        for name, key in keys.items():
+            if not name or not key:
+                raise ValueError("names and keys must be non-empty")
         return keys
 
 
@@ -172,6 +175,14 @@ class ServerConfig(_Strict):
         keys.update(parse_api_keys(os.environ.get(API_KEYS_ENV, "")))
         return keys
 
+    def resolved_admin_keys(self) -> dict[str, str]:
+        """operator -> key from the config, overlaid by $TWINKLE_ADMIN_KEYS ("ops:KEY")."""
+        keys = dict(self.auth.admin_keys)
+        keys.update(parse_api_keys(os.environ.get(ADMIN_KEYS_ENV, ""), ADMIN_KEYS_ENV))
+        if set(keys.values()) & set(self.resolved_keys().values()):
+            raise ValueError("an operator key must not also be a tenant's API key")
+        return keys
+
     def check_runnable(self) -> None:
         """Refuse, with the field named, options this build validates but cannot run yet."""
         for model in self.models:
@@ -184,18 +195,20 @@ class ServerConfig(_Strict):
                                  "this build yet; sampling runs on the training workers (sampler.num_workers: 0)")
 
     def check_secure(self) -> None:
-        """Refuse to listen beyond loopback without keys."""
+        """Refuse to listen beyond loopback without keys, or with an operator key a tenant also holds."""
+        self.resolved_admin_keys()
         if not self.is_loopback and not self.resolved_keys():
             raise ValueError(f"host {self.host!r} is reachable beyond this machine: configure API keys "
                              f"(auth.api_keys or ${API_KEYS_ENV}) or listen on 127.0.0.1")
 
 
-def parse_api_keys(spec: str) -> dict[str, str]:
+def parse_api_keys(spec: str, source: str = API_KEYS_ENV) -> dict[str, str]:
     keys: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         tenant, sep, key = item.partition(":")
         if not sep or not tenant.strip() or not key.strip():
-            raise ValueError(f"{API_KEYS_ENV} entries look like tenant:key, got {item!r}")
+            who = "tenant" if source == API_KEYS_ENV else "operator"
+            raise ValueError(f"{source} entries look like {who}:key, got {item!r}")
         keys[tenant.strip()] = key.strip()
     return keys
 

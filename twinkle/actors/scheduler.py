@@ -413,15 +413,16 @@ class ModelScheduler:
             if path.name not in named and path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
 
-    async def stats(self, tenant: str | None = None) -> dict:
-        """Queues, residency and batching figures; the ids listed are `tenant`'s own only."""
+    async def stats(self, tenant: str | None = None, *, operator: bool = False) -> dict:
+        """Queues, residency and batching figures. The ids listed are `tenant`'s own; the operator
+        view lists every model and each tenant's queued requests."""
         service = self._service
         counters = self._counters
 
         def own(model_id: str) -> bool:
-            return tenant is not None and self._paths.get(model_id, ("",))[0] == tenant
+            return operator or (tenant is not None and self._paths.get(model_id, ("",))[0] == tenant)
 
-        return {
+        view = {
             "name": self.model.name,
             "running": bool(self._workers and self._workers.running),
             "device": service.model_info.get("device") if service else None,
@@ -438,6 +439,10 @@ class ModelScheduler:
             "worker_losses": self._workers.losses if self._workers else 0,
             "execute_ms_p50": {k: round(1000 * sorted(d)[len(d) // 2], 2) for k, d in self._timings.items() if d},
         }
+        if operator:
+            view["queued_by_tenant"] = dict(self._queued)
+            view["lost_models"] = sorted(service.lost_models) if service else []
+        return view
 
 
 def _error_dict(exc: BaseException, item: WorkItem) -> dict:

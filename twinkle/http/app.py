@@ -88,6 +88,15 @@ def create_app() -> FastAPI:
         await tenant_of(request)
         return _tokenizer_payload(context(request), base_model)
 
+    @app.get("/api/v1/admin/status")
+    async def operator_status(request: Request) -> dict:
+        """The operator's view: every model, queue and tenant (needs an operator key)."""
+        ctx = context(request)
+        await ctx.ensure_started()
+        ctx.keys.operator_for(request.headers)
+        models = {name: await handle.stats.remote(operator=True) for name, handle in ctx.schedulers.items()}
+        return {"models": models, "tenants": await ctx.db(ctx.store.tenant_summary)}
+
     @app.get("/api/v1/twinkle/status")
     async def status(request: Request) -> dict:
         """Each model's queues and batching figures; the model ids shown are the caller's own."""

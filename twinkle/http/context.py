@@ -31,7 +31,7 @@ class ServerContext:
         self.config = config
         self.state_dir = Path(config.state_dir).resolve()
         self.store = Store(self.state_dir / "twinkle.db")
-        self.keys = KeyRing(config.resolved_keys())
+        self.keys = KeyRing(config.resolved_keys(), config.resolved_admin_keys())
         self.schedulers: dict[str, Any] = {}
         self.model_info: dict[str, dict] = {}
         self._models: dict[str, tuple[str, str]] = {}  # model_id -> (tenant, base_model)

@@ -203,6 +203,18 @@ class Store:
         with self._tx() as db:
             db.execute("UPDATE models SET status=? WHERE model_id=?", (status, model_id))
 
+    def tenant_summary(self) -> dict[str, dict]:
+        """Per tenant: active sessions, models by status, checkpoints and their bytes (operator view)."""
+        db = self._conn()
+        out: dict[str, dict] = {}
+        for row in db.execute("SELECT tenant, COUNT(*) FROM sessions WHERE status='active' GROUP BY tenant"):
+            out.setdefault(row[0], {})["active_sessions"] = row[1]
+        for row in db.execute("SELECT tenant, status, COUNT(*) FROM models GROUP BY tenant, status"):
+            out.setdefault(row[0], {}).setdefault("models", {})[row[1]] = row[2]
+        for row in db.execute("SELECT tenant, COUNT(*), COALESCE(SUM(size_bytes), 0) FROM checkpoints GROUP BY tenant"):
+            out.setdefault(row[0], {}).update(checkpoints=row[1], checkpoint_bytes=row[2])
+        return out
+
     def live_model_count(self, tenant: str) -> int:
         """Training models a tenant holds in its active sessions (what its model quota counts)."""
         return int(self._conn().execute(
