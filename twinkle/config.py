@@ -99,6 +99,8 @@ class TenantQuota(_Strict):
                                        "its least recently used beyond this are offloaded")
     max_queued_requests: int = Field(256, ge=1, description="requests per base model waiting or running")
     max_tokens_per_request: int = Field(262_144, ge=1)
+    max_checkpoints: int = Field(1000, ge=1, description="saved checkpoints (named weights and sampler weights)")
+    max_checkpoint_bytes: int = Field(100 * 2**30, ge=1, description="disk taken by those checkpoints")
 
 
 class QuotasConfig(_Strict):

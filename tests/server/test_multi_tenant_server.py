@@ -162,6 +162,10 @@ def test_quotas_answer_429_naming_the_limit(server):
     raw = Raw(server, server.keys["quota"])
     model = raw.create_model(seed=1)
 
+    raw.result(raw.post("save_weights", {"model_id": model, "path": "first"})["request_id"])  # within the quota
+    reply = raw.http.post(f"{raw.url}/save_weights", json={"model_id": model, "path": "second"}, timeout=60)
+    assert reply.status_code == 429 and "limit of 1 checkpoints" in reply.json()["error"], reply.text
+
     route, body = raw.forward_body(model, 1, copies=QUOTA_TENANT["max_tokens_per_request"] // 31 + 1)
     reply = raw.http.post(f"{raw.url}/{route}", json=body, timeout=60)
     assert reply.status_code == 429 and "limit of 256 per request" in reply.json()["error"], reply.text

@@ -132,6 +132,13 @@ class ServerContext:
                 raise QuotaExceededError(f"{tokens} tokens in one request exceed your limit of "
                                          f"{quota.max_tokens_per_request} per request on this server; split the "
                                          "batch into smaller requests", field="data")
+        elif method == "save" or (method == "create_sampler_from_model" and args.name is not None):
+            count, used = await self.db(self.store.checkpoint_usage, tenant)
+            if count >= quota.max_checkpoints or used >= quota.max_checkpoint_bytes:
+                raise QuotaExceededError(f"your checkpoints ({count}, {used / 2**20:.1f} MiB) reached this server's "
+                                         f"limit of {quota.max_checkpoints} checkpoints or "
+                                         f"{quota.max_checkpoint_bytes / 2**20:.0f} MiB per tenant; delete checkpoints "
+                                         "you no longer need", field="quota")
         elif method in CREATE_MODEL_METHODS:
             live = await self.db(self.store.live_model_count, tenant)
             if live >= quota.max_models:

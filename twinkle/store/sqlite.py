@@ -215,6 +215,12 @@ class Store:
             out.setdefault(row[0], {}).update(checkpoints=row[1], checkpoint_bytes=row[2])
         return out
 
+    def checkpoint_usage(self, tenant: str) -> tuple[int, int]:
+        """(checkpoints, bytes) a tenant's saved checkpoints take (what its checkpoint quota counts)."""
+        row = self._conn().execute("SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM checkpoints WHERE tenant=?",
+                                   (tenant,)).fetchone()
+        return int(row[0]), int(row[1])
+
     def live_model_count(self, tenant: str) -> int:
         """Training models a tenant holds in its active sessions (what its model quota counts)."""
         return int(self._conn().execute(
