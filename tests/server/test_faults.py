@@ -99,19 +99,26 @@ def test_a_killed_worker_is_replaced_and_models_come_back_from_their_saved_state
                               timeout=30).json()["models"]["twinkle-tiny"]
         assert status["worker_losses"] == 1 and status["running"]
 
-        # a clean stop saves every resident model; the restarted server restores them exactly
+        # SIGTERM mid-pass: the running request finishes and is stored, the one queued behind it is
+        # reported as not run, and every model is saved; the restarted server restores them exactly
         before = {model: raw.loss(raw.forward_backward(model, s, forward_only=True))
                   for model, s in ((saved, seq + 2), (fresh, 3))}
+        running = raw.forward_backward(fresh, 4, tokens=list(range(30, 1055)), copies=12)
+        queued = raw.forward_backward(fresh, 5, tokens=list(range(30, 1055)), copies=12)
+        time.sleep(1.0)
     finally:
         assert server.stop() == 0
     server = _start(work)
     try:
         again = Raw(server, KEY)
         again.session_id = raw.session_id
+        assert again.loss(running) > 0  # it ran before the stop: its result is kept
+        not_run = _error_of(again, queued)
+        assert not_run.get("category") == "server" and "before this request ran" in not_run["error"], not_run
         after = {model: again.loss(again.forward_backward(model, s, forward_only=True))
-                 for model, s in ((saved, seq + 3), (fresh, 4))}
-        assert after == pytest.approx(before, rel=1e-6)
-        again.result(again.optim_step(fresh, 5))  # and training goes on
+                 for model, s in ((saved, seq + 3), (fresh, 6))}
+        assert after == pytest.approx(before, rel=1e-6)  # pending gradients do not change a forward
+        again.result(again.optim_step(fresh, 7))  # and training goes on
     finally:
         server.stop()
 

@@ -57,6 +57,7 @@ class Lane:
         self.queues: OrderedDict[str, deque[WorkItem]] = OrderedDict()
         self.busy = False
         self.batches = 0
+        self._stopping = False
         self._wake = asyncio.Event()
 
     def push(self, item: WorkItem) -> None:
@@ -69,8 +70,13 @@ class Lane:
     def idle(self) -> bool:
         return not self.busy and not self.queued()
 
+    def stop(self) -> None:
+        """Finish the batch running now, then start no other (the server is stopping)."""
+        self._stopping = True
+        self._wake.set()
+
     async def run_forever(self) -> None:
-        while True:
+        while not self._stopping:
             if not self.queued():
                 self._wake.clear()
                 await self._wake.wait()

@@ -78,6 +78,7 @@ class ModelScheduler:
         self._sample: SampleLane | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._autosaved: dict[str, float] = {}  # model_id -> when its state was last saved
+        self._persisting: set[asyncio.Future] = set()  # results being written to the store
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> dict:
@@ -162,10 +163,19 @@ class ModelScheduler:
         self._service.adopt(model_id, args or CreateModelArgs(base_model=self.model.name), row["tenant"], folder,
                             None if folder is not None else note)
 
-    async def shutdown(self) -> None:
-        """Save every resident model (a restarted server restores them), then stop the workers."""
+    async def shutdown(self, drain_s: float = 30.0) -> None:
+        """Stop cleanly: the batches running now finish and their results are stored (what ran is
+        never reported as lost), queued requests stay queued in the store (a restarted server fails
+        them as not run), every resident model is saved, and the workers stop."""
+        lanes = [lane for lane in (self._train, self._sample) if lane is not None]
+        for lane in lanes:
+            lane.stop()
+        if self._tasks:
+            await asyncio.wait(self._tasks[:2], timeout=drain_s)  # the two lanes' loops
         for task in self._tasks:
             task.cancel()
+        if self._persisting:
+            await asyncio.wait(list(self._persisting), timeout=drain_s)
         if self._workers is not None and self._workers.running:
             await asyncio.get_running_loop().run_in_executor(self._threads["train"], self._workers.save_and_stop)
 
@@ -260,7 +270,9 @@ class ModelScheduler:
         for future in self._waiters.pop(item.request_id, []):
             if not future.done():
                 future.set_result(outcome)
-        asyncio.get_running_loop().run_in_executor(None, self._persist, item, outcome)
+        persisting = asyncio.get_running_loop().run_in_executor(None, self._persist, item, outcome)
+        self._persisting.add(persisting)
+        persisting.add_done_callback(self._persisting.discard)
 
     def _persist(self, item: WorkItem, outcome: Outcome) -> None:
         status, payload = outcome
