@@ -15,8 +15,8 @@ from tests.server.raw import Raw
 from twinkle import layout
 
 BASE = "twinkle-tiny"
-CLIENTS = 8
-STEPS = 3
+CLIENTS = 16  # two tenants, eight models each
+STEPS = 2
 SEQ_LEN = 48  # every tenant's sequences have one length: no padding, so shared passes add no round-off
 
 
@@ -68,7 +68,7 @@ def _weights(server, run: dict) -> dict[str, np.ndarray]:
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
-def test_eight_clients_share_passes_and_each_gets_its_solo_weights(server, tinker_client):
+def test_sixteen_clients_share_passes_and_each_gets_its_solo_weights(server, tinker_client):
     solo = [_run_client(tinker_client, i, "solo") for i in range(CLIENTS)]  # one tenant at a time
 
     before = _status(server)
