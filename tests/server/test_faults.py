@@ -80,6 +80,8 @@ def test_a_killed_worker_is_replaced_and_models_come_back_from_their_saved_state
         killed_at = time.time()
         _kill_worker(server)
         failed = _error_of(raw, in_flight)
+        ready = requests.get(f"{server.url}/api/v1/readyz", timeout=30)
+        assert ready.status_code in (200, 503) and requests.get(f"{server.url}/api/v1/healthz").status_code == 200
         assert failed.get("category") == "server" and "died" in failed["error"], failed
         assert "restored from its state saved at step 2" in failed["error"] and "step 3 was lost" in failed["error"]
 
@@ -97,7 +99,8 @@ def test_a_killed_worker_is_replaced_and_models_come_back_from_their_saved_state
         _train(raw, fresh, 1, 1)
         status = requests.get(f"{server.url}/api/v1/twinkle/status", headers={"X-API-Key": KEY},
                               timeout=30).json()["models"]["twinkle-tiny"]
-        assert status["worker_losses"] == 1 and status["running"]
+        assert status["worker_losses"] == 1 and status["running"] and not status["rebuilding"]
+        assert requests.get(f"{server.url}/api/v1/readyz", timeout=30).json() == {"status": "ok"}
 
         # SIGTERM mid-pass: the running request finishes and is stored, the one queued behind it is
         # reported as not run, and every model is saved; the restarted server restores them exactly

@@ -449,6 +449,7 @@ class ModelScheduler:
             **{name: counters[name] for name in ("train_passes", "train_pass_requests", "shared_train_passes",
                                                  "max_models_per_pass", "sample_batches", "sample_requests")},
             "worker_losses": self._workers.losses if self._workers else 0,
+            "rebuilding": bool(self._workers and self._workers.rebuilding),
             "execute_ms_p50": {k: round(1000 * sorted(d)[len(d) // 2], 2) for k, d in self._timings.items() if d},
         }
         if operator:

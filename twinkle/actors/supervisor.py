@@ -36,6 +36,8 @@ class WorkerSupervisor:
         self.on_status = on_status  # (model_id, store status) after a loss
         self.group = None
         self.losses = 0
+        self.rebuilding = False  # a worker died and its replacement is starting
+        self._lost: tuple[object, dict[str, str]] = (None, {})  # the last group lost, and what its models were told
         self._lock = threading.Lock()
         self._users = 0
 
@@ -89,10 +91,13 @@ class WorkerSupervisor:
         """A worker of `group` died: every resident model comes back from its newest saved state (or is
         marked lost), and a new group starts at once. Returns model_id -> what its tenant is told."""
         with self._lock:
-            if group is None or self.group is not group:  # already handled, or shut down on purpose
+            if group is not None and group is self._lost[0]:  # the watcher and a request both saw it
+                return self._lost[1]
+            if group is None or self.group is not group:  # shut down on purpose
                 return {}
             notes = self.service.lose_backend(self.recover)
             self.group = None
+            self._lost = (group, notes)
             self.losses += 1
         log.error("%s: a worker died (%s); restoring %d model(s) from their saved state", self.model.name,
                   type(exc).__name__, len(notes))
@@ -100,8 +105,15 @@ class WorkerSupervisor:
         for model_id in notes:
             self.on_status(model_id, "lost" if model_id in lost else "offloaded")
         group.shutdown()
-        self.rebuild_on.submit(self.start)
+        self.rebuilding = True
+        self.rebuild_on.submit(self._rebuild)
         return notes
+
+    def _rebuild(self) -> None:
+        try:
+            self.start()
+        finally:
+            self.rebuilding = False
 
     def release_if_idle(self) -> bool:
         """Scale to zero: offload everything and stop the workers, unless a request is using them."""

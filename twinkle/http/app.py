@@ -88,6 +88,17 @@ def create_app() -> FastAPI:
         await tenant_of(request)
         return _tokenizer_payload(context(request), base_model)
 
+    @app.get("/api/v1/readyz")
+    async def readyz() -> JSONResponse:
+        """Readiness (healthz is liveness): 503 while a model's workers are being replaced after a
+        crash; requests sent meanwhile wait for them."""
+        ctx = context()
+        await ctx.ensure_started()
+        rebuilding = [name for name, handle in ctx.schedulers.items() if (await handle.stats.remote())["rebuilding"]]
+        if rebuilding:
+            return JSONResponse({"status": "degraded", "rebuilding": rebuilding}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
     @app.get("/api/v1/admin/status")
     async def operator_status(request: Request) -> dict:
         """The operator's view: every model, queue and tenant (needs an operator key)."""
