@@ -112,10 +112,17 @@ class QuotasConfig(_Strict):
 
 
 class LimitsConfig(_Strict):
+    """What one request may hold; requests beyond it answer 400/413 naming the limit."""
+
     max_datums_per_request: int = Field(1024, ge=1)
     max_tokens_per_request: int = Field(1_048_576, ge=1)
     max_samples_per_request: int = Field(128, ge=1)
-    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="request body as sent; a compressed "
+                                "body may also decompress to at most this many bytes (else 413)")
+    max_tensor_elements: int = Field(16 * 1024 * 1024, ge=1024, description="elements of all the tensors of one "
+                                     "request once decoded, sparse tensors counted densely (each takes 4-8 bytes); "
+                                     "declared shapes are checked against it before anything is allocated")
+    max_json_depth: int = Field(64, ge=8, le=512, description="nesting depth of a JSON or msgpack request body")
 
 
 class TimeoutsConfig(_Strict):

@@ -27,6 +27,13 @@ def _as_array(value: Any) -> np.ndarray:
     return array
 
 
+INT64_MAX = 2**63 - 1
+UINT64_MAX = 2**64 - 1
+# a request's position in its model's order; stored as a SQLite INTEGER (int64)
+SeqId = Annotated[int, Field(ge=0, le=INT64_MAX)]
+# random seeds: what the Tinker protocol's uint64 seed holds
+Seed = Annotated[int, Field(ge=0, le=UINT64_MAX)]
+
 Array = Annotated[
     np.ndarray,
     BeforeValidator(_as_array),
@@ -46,8 +53,8 @@ class LoraConfig(_Model):
     """
 
     rank: int = Field(32, ge=1)
-    alpha: float = Field(32.0, gt=0)
-    seed: int | None = None
+    alpha: float = Field(32.0, gt=0, allow_inf_nan=False)
+    seed: Seed | None = None
     train_attn: bool = True
     train_mlp: bool = True
     train_unembed: bool = True
@@ -62,12 +69,12 @@ class LoraConfig(_Model):
 class AdamParams(_Model):
     """AdamW hyper-parameters (Tinker's defaults). `grad_clip_norm=0` means no clipping."""
 
-    learning_rate: float = Field(1e-4, ge=0)
+    learning_rate: float = Field(1e-4, ge=0, allow_inf_nan=False)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
-    eps: float = Field(1e-12, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip_norm: float = Field(0.0, ge=0)
+    eps: float = Field(1e-12, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
+    grad_clip_norm: float = Field(0.0, ge=0, allow_inf_nan=False)
 
 
 class LRSchedule(_Model):
@@ -142,11 +149,11 @@ StopSpec = str | list[str] | list[int] | None
 class SamplingParams(_Model):
     """How to sample. `stop=None` stops at the model's end-of-turn tokens; `stop=[]` never stops early."""
 
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0)
-    top_k: int = -1
+    max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    temperature: float = Field(1.0, ge=0, allow_inf_nan=False)
+    top_k: int = Field(-1, ge=-1, le=2**31 - 1, description="-1 or 0: no top-k filtering")
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: Seed | None = None
     stop: StopSpec = None
 
 

@@ -14,7 +14,18 @@ import numpy as np
 from twinkle.errors import InvalidInputError
 from twinkle.losses.specs import (CUSTOM_LOSS, FLOAT_INPUTS, INT_INPUTS, KNOWN_INPUTS, LOSS_SPECS,
                                   NORMALIZE_CHOICES, LossSpec, loss_names)
-from twinkle.types import Datum, SamplingParams
+from twinkle.types import INT64_MAX, Datum, SamplingParams
+
+
+def check_seq_id(value, field: str = "seq_id") -> int | None:
+    """None, or an integer in [0, 2**63): what a request's seq_id may be (it is stored as int64)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInputError(f"must be an integer, got {value!r}"[:200], field=field)
+    if not 0 <= value <= INT64_MAX:
+        raise InvalidInputError(f"must be between 0 and 2**63 - 1, got {value}"[:200], field=field)
+    return value
 
 
 def check_tokens(tokens: np.ndarray, vocab_size: int, field: str) -> None:
@@ -33,8 +44,8 @@ def check_tokens(tokens: np.ndarray, vocab_size: int, field: str) -> None:
 
 
 def _check_finite(array: np.ndarray, field: str) -> None:
-    if not np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_:
-        raise InvalidInputError(f"must hold numbers, got dtype {array.dtype}", field=field)
+    if array.dtype.kind not in "iuf":  # not bool, complex, strings or objects
+        raise InvalidInputError(f"must hold real numbers, got dtype {array.dtype}", field=field)
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
         raise InvalidInputError("contains NaN or infinite values", field=field)
 

@@ -43,19 +43,76 @@ async def tenant_of(request: Request) -> str:
     return ctx.keys.tenant_for(request.headers)
 
 
-async def read_json(request: Request) -> dict:
-    raw = await request.body()
+class BodyTooLargeError(InvalidInputError):
+    """A request body (as sent, or once decompressed) beyond `limits.max_body_bytes` (HTTP 413).
+
+    Reported as an InvalidInputError, so that clients rebuild the error type they know."""
+
+    status_code = 413
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "type": "InvalidInputError"}
+
+
+def body_too_large(size: int | str, limit: int, what: str = "request body") -> BodyTooLargeError:
+    return BodyTooLargeError(f"{what} of {size} bytes exceeds this server's limit of {limit} bytes "
+                             "(limits.max_body_bytes); send smaller requests", field="body")
+
+
+async def read_body(request: Request) -> bytes:
+    """The raw body, read at most once and never beyond `limits.max_body_bytes` (413 past it)."""
+    cached = getattr(request.state, "raw_body", None)
+    if cached is not None:
+        return cached
     limit = context(request).config.limits.max_body_bytes
-    if len(raw) > limit:
-        raise InvalidInputError(f"request body of {len(raw)} bytes exceeds the limit of {limit}", field="body")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise body_too_large(declared, limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise body_too_large(f"more than {limit}", limit)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    request.state.raw_body = raw
+    request._body = raw  # Starlette's own cache: a later request.body() answers the same bytes
+    return raw
+
+
+def check_depth(data, max_depth: int, field: str = "body") -> None:
+    """Refuse containers nested deeper than `max_depth` (iteratively: no recursion on hostile input)."""
+    stack = [(data, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > max_depth:
+            raise InvalidInputError(f"is nested more than {max_depth} levels deep (limits.max_json_depth)",
+                                    field=field)
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+
+
+async def read_json(request: Request) -> dict:
+    """The body as a JSON object, parsed once (cached on `request.state.json_body`)."""
+    cached = getattr(request.state, "json_body", None)
+    if cached is not None:
+        return cached
+    raw = await read_body(request)
     if not raw:
-        return {}
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInputError(f"body is not valid JSON: {exc}", field="body") from None
-    if not isinstance(data, dict):
-        raise InvalidInputError("body must be a JSON object", field="body")
+        data = {}
+    else:
+        max_depth = context(request).config.limits.max_json_depth
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidInputError(f"body is not valid JSON: {exc}", field="body") from None
+        except RecursionError:
+            raise InvalidInputError(f"is nested more than {max_depth} levels deep (limits.max_json_depth)",
+                                    field="body") from None
+        if not isinstance(data, dict):
+            raise InvalidInputError("body must be a JSON object", field="body")
+        check_depth(data, max_depth)
+    request.state.json_body = data
     return data
 
 

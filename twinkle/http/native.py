@@ -8,6 +8,7 @@ server never leave it.
 
 from __future__ import annotations
 
+import math
 import uuid
 from typing import Any
 
@@ -17,7 +18,7 @@ from twinkle.errors import InvalidInputError, NotFoundError, PermissionDeniedErr
 from twinkle.http.common import resolve_checkpoint, tinker_path
 from twinkle.http.context import ServerContext
 from twinkle.paths import check_name
-from twinkle.validation import validate_batch, validate_sampling
+from twinkle.validation import check_seq_id, validate_batch, validate_sampling
 
 
 class NativeAPI:
@@ -26,6 +27,8 @@ class NativeAPI:
 
     # ------------------------------------------------------------- sessions
     async def create_session(self, tenant: str, metadata: dict | None = None) -> dict:
+        if metadata is not None and not isinstance(metadata, dict):
+            raise InvalidInputError(f"must be a map, got {type(metadata).__name__}", field="metadata")
         session_id = str(uuid.uuid4())
         await self.ctx.db(self.ctx.store.create_session, session_id, tenant, user_metadata=metadata,
                           sdk_version="twinkle")
@@ -59,14 +62,19 @@ class NativeAPI:
                                 raw_args: dict, wait: Any = None) -> dict:
         spec = API_METHODS.get(method)
         if spec is None:
-            raise NotFoundError(f"unknown API method {method!r}; known: {sorted(API_METHODS)}", field="method")
+            raise NotFoundError(f"unknown API method {method!r}; known: {sorted(API_METHODS)}"[:300], field="method")
         if not isinstance(target_id, str) or not target_id:
             raise InvalidInputError("missing target id", field="target_id")
+        seq_id = check_seq_id(seq_id)  # before anything: an invalid seq_id has nothing to free
+        if raw_args is not None and not isinstance(raw_args, dict):
+            raise InvalidInputError(f"must be a map of the method's arguments, got {type(raw_args).__name__}",
+                                    field="args")
         base_model = None
         if spec.target == "model" and method not in ("create_model", "create_model_from_checkpoint"):
             base_model = await self.ctx.model_owner(target_id, tenant)
         try:
-            if wait is not None and (isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0):
+            if wait is not None and (isinstance(wait, bool) or not isinstance(wait, (int, float))
+                                     or not math.isfinite(wait) or wait < 0):
                 raise InvalidInputError(f"must be a number of seconds >= 0, got {wait!r}", field="wait")
             args = spec.args.model_validate(raw_args or {})
             return await self._submit(tenant, spec, target_id, seq_id, args, base_model)
@@ -163,6 +171,9 @@ class NativeAPI:
 
     async def retrieve(self, tenant: str, request_id: str, timeout: float | None = None) -> dict:
         """{"status": "pending"} | {"status": "done", "result": ...} | {"status": "failed", "error": {...}}."""
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not math.isfinite(timeout) or timeout < 0):
+            raise InvalidInputError(f"must be a number of seconds >= 0, got {timeout!r}"[:200], field="timeout")
         timeout = min(timeout or self.ctx.config.timeouts.long_poll_s, self.ctx.config.timeouts.long_poll_s)
         status, payload, extra = await self.ctx.wait_future(request_id, tenant, timeout)
         if status == "pending":

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request, Response
 from twinkle import wire
 from twinkle.api.spec import API_METHODS
 from twinkle.errors import InvalidInputError
-from twinkle.http.common import context, tenant_of
+from twinkle.http.common import check_depth, context, read_body, tenant_of
 from twinkle.http.native import NativeAPI
 
 router = APIRouter(prefix="/api/v1/twinkle")
@@ -23,16 +23,15 @@ def native(request: Request) -> NativeAPI:
 
 
 async def read_msgpack(request: Request) -> dict:
-    raw = await request.body()
-    limit = context(request).config.limits.max_body_bytes
-    if len(raw) > limit:
-        raise InvalidInputError(f"request body of {len(raw)} bytes exceeds the limit of {limit}", field="body")
+    """The body as a msgpack map: at most `limits.max_body_bytes` (413), nested at most `max_json_depth`."""
+    raw = await read_body(request)
     try:
         body = wire.loads(raw) if raw else {}
     except Exception:
-        raise InvalidInputError("body is not valid msgpack", field="body") from None
+        raise InvalidInputError("body is not valid msgpack (or nests too deeply)", field="body") from None
     if not isinstance(body, dict):
         raise InvalidInputError("body must be a msgpack map", field="body")
+    check_depth(body, context(request).config.limits.max_json_depth)
     return body
 
 
@@ -44,11 +43,8 @@ def _route(method: str):
     async def handler(request: Request) -> Response:
         tenant = await tenant_of(request)
         body = await read_msgpack(request)
-        seq_id = body.get("seq_id")
-        if seq_id is not None and not isinstance(seq_id, int):
-            raise InvalidInputError("must be an integer", field="seq_id")
-        reply = await native(request).submit(tenant, method, body.get("target_id"), seq_id, body.get("args") or {},
-                                             wait=body.get("wait"))
+        reply = await native(request).submit(tenant, method, body.get("target_id"), body.get("seq_id"),
+                                             body.get("args") or {}, wait=body.get("wait"))
         return msgpack_response(reply)
 
     # real classes, not strings: Ray Serve pickles this closure by value, without the module's globals

@@ -6,9 +6,15 @@ Field names and defaults follow the SDK; unknown fields are ignored (see `common
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from twinkle.http.common import Body
+from twinkle.types import INT64_MAX, Seed, SeqId
+
+# counters that become part of ids, and other integers that are stored: non-negative int64
+Count = Annotated[int, Field(ge=0, le=INT64_MAX)]
 
 
 class CreateSessionBody(Body):
@@ -23,7 +29,7 @@ class SessionIdBody(Body):
 
 class LoraBody(Body):
     rank: int = 32
-    seed: int | None = None
+    seed: Seed | None = None
     train_unembed: bool = True
     train_mlp: bool = True
     train_attn: bool = True
@@ -31,7 +37,7 @@ class LoraBody(Body):
 
 class CreateModelBody(Body):
     session_id: str
-    model_seq_id: int
+    model_seq_id: Count
     base_model: str
     lora_config: LoraBody | None = None
     optimizer_config: dict | None = None
@@ -40,7 +46,7 @@ class CreateModelBody(Body):
 
 class ModelIdBody(Body):
     model_id: str
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
 
 
 class AdamBody(Body):
@@ -54,19 +60,19 @@ class AdamBody(Body):
 
 class OptimStepBody(Body):
     model_id: str
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
     adam_params: AdamBody | None = None
     optimizer_params: dict | None = None
 
 
 class SaveWeightsBody(Body):
     model_id: str
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
     path: str | None = None
-    ttl_seconds: int | None = None
+    ttl_seconds: Count | None = None
     overwrite: bool = False
     user_metadata: dict | None = None
-    sampling_session_seq_id: int | None = None
+    sampling_session_seq_id: Count | None = None
     kind: str | None = None
 
 
@@ -74,23 +80,23 @@ class LoadWeightsBody(Body):
     path: str
     optimizer: bool = False
     model_id: str | None = None
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
     session_id: str | None = None
-    model_seq_id: int | None = None
+    model_seq_id: Count | None = None
     base_model: str | None = None
     user_metadata: dict | None = None
 
 
 class CreateSamplingSessionBody(Body):
     session_id: str
-    sampling_session_seq_id: int = 0
+    sampling_session_seq_id: Count = 0
     model_path: str | None = None
     base_model: str | None = None
 
 
 class SampleBody(Body):
     sampling_session_id: str | None = None
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
     base_model: str | None = None
     model_path: str | None = None
     num_samples: int = 1
@@ -99,7 +105,7 @@ class SampleBody(Body):
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
     topk_sample_logprobs: int = 0
-    prompt_logprobs_last_n: int | None = None
+    prompt_logprobs_last_n: Count | None = None
     target_prompt_logprobs: Any = None
     prompt_alt_tokens_k: int = 0
 

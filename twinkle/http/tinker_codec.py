@@ -16,8 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from twinkle.config import LimitsConfig
 from twinkle.errors import InvalidInputError, UnprocessableError
+from twinkle.http.common import body_too_large
 from twinkle.types import Datum
+from twinkle.validation import check_seq_id
 
 PROTOBUF = "application/x-protobuf"
 
@@ -39,12 +42,56 @@ def pb():
     return module
 
 
-def _np_dtype(code: int):
+MAX_TENSOR_DIMS = 4  # loss inputs are (N,) or (N, K); a few more dims still get a clear shape error later
+_INT64 = np.iinfo(np.int64)
+
+
+class ElementBudget:
+    """The elements the tensors of one request may take once decoded (`limits.max_tensor_elements`).
+
+    Every declared shape is charged before its array is allocated, sparse tensors by their dense size."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, count: int, field: str) -> None:
+        self.used += count
+        if self.limit is not None and self.used > self.limit:
+            raise InvalidInputError(
+                f"the tensors of this request would hold {self.used} elements once decoded, beyond this server's "
+                f"limit of {self.limit} (limits.max_tensor_elements); send smaller or fewer tensors", field=field)
+
+
+def _declared_shape(raw, field: str) -> list[int]:
+    if not isinstance(raw, (list, tuple)) or len(raw) > MAX_TENSOR_DIMS or not all(
+            isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in raw):
+        raise InvalidInputError(f"shape must be a list of at most {MAX_TENSOR_DIMS} integers, got {raw!r}"[:300],
+                                field=field)
+    shape = [int(d) for d in raw]
+    if any(d < 0 for d in shape):
+        raise InvalidInputError(f"shape {shape} has a negative dimension", field=field)
+    return shape
+
+
+def _check_rows(shape: list[int], rows: int | None, field: str, expected: str | None = None) -> None:
+    """A loss input's leading dimension is its datum's token count: checked before allocating."""
+    if rows is not None and (not shape or shape[0] != rows):
+        raise InvalidInputError(expected.format(shape=list(shape)) if expected else
+                                f"has shape {tuple(shape)} but the model input has {rows} tokens; expected "
+                                f"({rows},) or ({rows}, K)", field=field)
+
+
+def _elements(shape: list[int]) -> int:
+    return math.prod(shape)  # Python ints: a shape like [1, 10**13] cannot overflow
+
+
+def _np_dtype(code: int, field: str):
     m = pb()
     table = {m.DTYPE_FLOAT32: np.float32, m.DTYPE_INT64: np.int64, m.DTYPE_INT32: np.int32,
              m.DTYPE_BFLOAT16: np.uint16}
     if code not in table:
-        raise InvalidInputError(f"unsupported tensor dtype code {code}", field="loss_fn_inputs")
+        raise InvalidInputError(f"unsupported tensor dtype code {code}", field=field)
     return table[code]
 
 
@@ -56,34 +103,57 @@ def _widen(array: np.ndarray, code: int) -> np.ndarray:
     return array
 
 
+def _frombuffer(raw: bytes, dtype, field: str, what: str) -> np.ndarray:
+    size = np.dtype(dtype).itemsize
+    if len(raw) % size:
+        raise InvalidInputError(f"{what} has {len(raw)} bytes, not a multiple of the {np.dtype(dtype).name} size "
+                                f"({size} bytes)", field=field)
+    return np.frombuffer(raw, dtype)
+
+
 def _dense_from_csr(values: np.ndarray, crow: np.ndarray, col: np.ndarray, shape: list[int], field: str,
-                    fill: int | float = 0):
-    if len(shape) != 2 or len(crow) != shape[0] + 1 or len(col) != len(values):
-        raise InvalidInputError(f"malformed sparse tensor (shape {shape})", field=field)
+                    fill: int | float = 0, budget: ElementBudget | None = None):
+    """A CSR tensor as a dense array; the shape is checked (and charged) before anything is allocated."""
+    if len(shape) != 2:
+        raise InvalidInputError(f"a sparse tensor must be 2-D, got shape {shape}", field=field)
+    if values.ndim != 1 or crow.ndim != 1 or col.ndim != 1:
+        raise InvalidInputError("sparse values and indices must be flat lists", field=field)
+    if len(crow) != shape[0] + 1 or len(col) != len(values):
+        raise InvalidInputError(f"malformed sparse tensor (shape {shape}: needs {shape[0] + 1} row offsets and one "
+                                f"column index per value; got {len(crow)} and {len(col)} for {len(values)} values)",
+                                field=field)
+    if crow[0] != 0 or crow[-1] != len(values) or np.any(np.diff(crow) < 0):
+        raise InvalidInputError("sparse row offsets must rise from 0 to the number of values", field=field)
     if len(col) and (col.min() < 0 or col.max() >= shape[1]):
         raise InvalidInputError("sparse column index out of range", field=field)
+    (budget or ElementBudget()).take(_elements(shape), field)
     out = np.full(shape, fill, dtype=values.dtype)
-    for row in range(shape[0]):
-        start, end = int(crow[row]), int(crow[row + 1])
-        out[row, col[start:end]] = values[start:end]
+    out[np.repeat(np.arange(shape[0]), np.diff(crow)), col] = values
     return out
 
 
-def tensor_from_proto(tensor, field: str) -> np.ndarray:
-    dtype = _np_dtype(tensor.dtype)
-    shape = list(tensor.shape)
-    try:
-        if tensor.WhichOneof("encoding") == "sparse_csr":
-            csr = tensor.sparse_csr
-            values = np.frombuffer(csr.values, dtype)
-            array = _dense_from_csr(values, np.frombuffer(csr.crow_indices, np.int64),
-                                    np.frombuffer(csr.col_indices, np.int64), shape, field)
-        else:
-            array = np.frombuffer(tensor.dense, dtype).copy()
-            if shape:
-                array = array.reshape(shape)
-    except ValueError as exc:
-        raise InvalidInputError(f"tensor bytes do not match its dtype/shape: {exc}", field=field) from None
+def tensor_from_proto(tensor, field: str, *, rows: int | None = None, budget: ElementBudget | None = None,
+                      ) -> np.ndarray:
+    """A protobuf Tensor as numpy; `rows`: the leading dimension it must have."""
+    dtype = _np_dtype(tensor.dtype, field)
+    budget = budget or ElementBudget()
+    shape = _declared_shape(list(tensor.shape), field)
+    if tensor.WhichOneof("encoding") == "sparse_csr":
+        csr = tensor.sparse_csr
+        _check_rows(shape, rows, field)
+        array = _dense_from_csr(_frombuffer(csr.values, dtype, field, "sparse values"),
+                                _frombuffer(csr.crow_indices, np.int64, field, "sparse row offsets"),
+                                _frombuffer(csr.col_indices, np.int64, field, "sparse column indices"), shape,
+                                field, budget=budget)
+    else:
+        flat = _frombuffer(tensor.dense, dtype, field, "tensor data")
+        shape = shape or [flat.size]
+        if _elements(shape) != flat.size:
+            raise InvalidInputError(f"declares shape {shape} ({_elements(shape)} elements) but holds {flat.size} "
+                                    f"{np.dtype(dtype).name} values", field=field)
+        _check_rows(shape, rows, field)
+        budget.take(flat.size, field)
+        array = flat.reshape(shape).copy()
     return _widen(array, tensor.dtype)
 
 
@@ -93,63 +163,134 @@ def _tokens_from_chunks(chunks, field: str) -> np.ndarray:
         kind = chunk.WhichOneof("chunk")
         if kind != "encoded_text":
             raise UnprocessableError(f"{kind} inputs are not supported by this text model", field=field)
-        parts.append(np.frombuffer(chunk.encoded_text.tokens, np.int32).copy())
+        parts.append(_frombuffer(chunk.encoded_text.tokens, np.int32, field, "encoded_text tokens"))
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
-def maybe_decompress(body: bytes, content_encoding: str | None) -> bytes:
-    if content_encoding and "zstd" in content_encoding.lower():
-        import zstandard
+def maybe_decompress(body: bytes, content_encoding: str | None, max_bytes: int | None = None) -> bytes:
+    """The body as sent, or decompressed (zstd) in one streaming pass that stops past `max_bytes` (413)."""
+    encoding = (content_encoding or "").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding != "zstd":
+        raise InvalidInputError(f"unsupported Content-Encoding {content_encoding!r}; send zstd or none",
+                                field="content-encoding")
+    import zstandard
 
-        try:
-            return zstandard.ZstdDecompressor().decompressobj().decompress(body)
-        except zstandard.ZstdError as exc:
-            raise InvalidInputError(f"body is not valid zstd: {exc}", field="body") from None
-    return body
+    limit = max_bytes if max_bytes is not None else LimitsConfig().max_body_bytes
+    window = min(1 << 27, max(1 << 20, limit))  # the decoder's window buffer is bounded too
+    chunks, size = [], 0
+    try:
+        reader = zstandard.ZstdDecompressor(max_window_size=window).stream_reader(body, read_across_frames=True)
+        while True:
+            chunk = reader.read(min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                raise body_too_large(f"more than {limit}", limit, "decompressed request body")
+            chunks.append(chunk)
+    except zstandard.ZstdError as exc:
+        raise InvalidInputError(f"body is not valid zstd: {exc}", field="body") from None
+    return b"".join(chunks)
 
 
-def parse_forward_backward_proto(body: bytes, content_encoding: str | None = None) -> dict:
-    """Decode a protobuf ForwardBackwardRequest into plain data (datums as `Datum`)."""
-    body = maybe_decompress(body, content_encoding)
+def decode_forward_backward_proto(body: bytes, content_encoding: str | None = None, *,
+                                  max_bytes: int | None = None):
+    """The ForwardBackwardRequest message of a (possibly zstd-compressed) body; tensors not decoded yet."""
+    body = maybe_decompress(body, content_encoding, max_bytes)
     request = pb().ForwardBackwardRequest()
     try:
         request.ParseFromString(body)
     except Exception:
         raise InvalidInputError("body is not a valid ForwardBackwardRequest protobuf message", field="body") from None
+    return request
+
+
+def forward_backward_from_proto(request, *, max_elements: int | None = None) -> dict:
+    """A decoded ForwardBackwardRequest as plain data (datums as `Datum`), within `max_elements`."""
+    seq_id = check_seq_id(int(request.seq_id))
     config: dict[str, Any] = {k: float(v) for k, v in request.loss_fn_config.items()}
     for key, value in request.loss_fn_config_v2.items():
         config[key] = value.number if value.WhichOneof("value") == "number" else value.text
+    budget = ElementBudget(max_elements)
     data = []
     for i, datum in enumerate(request.data):
         tokens = _tokens_from_chunks(datum.model_input, f"data[{i}].model_input")
-        inputs = {k: tensor_from_proto(v, f"data[{i}].loss_fn_inputs.{k}") for k, v in datum.loss_fn_inputs.items()}
+        budget.take(tokens.size, f"data[{i}].model_input")
+        inputs = {k: tensor_from_proto(v, f"data[{i}].loss_fn_inputs.{k}", rows=len(tokens), budget=budget)
+                  for k, v in datum.loss_fn_inputs.items()}
         data.append(Datum(input_tokens=tokens, loss_inputs=inputs))
-    return {"model_id": request.model_id, "seq_id": int(request.seq_id), "loss_fn": request.loss_fn,
+    return {"model_id": request.model_id, "seq_id": seq_id, "loss_fn": request.loss_fn,
             "loss_fn_config": config or None, "forward_only": bool(request.forward_only), "data": data}
 
 
-def tensor_from_json(obj: Any, field: str, *, sparse_fill: int | float = 0) -> np.ndarray:
+def parse_forward_backward_proto(body: bytes, content_encoding: str | None = None, *, max_bytes: int | None = None,
+                                 max_elements: int | None = None) -> dict:
+    """Decode a protobuf ForwardBackwardRequest into plain data (datums as `Datum`)."""
+    return forward_backward_from_proto(decode_forward_backward_proto(body, content_encoding, max_bytes=max_bytes),
+                                       max_elements=max_elements)
+
+
+def _json_numbers(raw: Any, dtype, field: str, what: str = "data") -> np.ndarray:
+    """A JSON list of numbers as a numpy array of `dtype` (int64 values must be integers that fit)."""
+    if not isinstance(raw, list):
+        raise InvalidInputError(f"{what} must be a list of numbers", field=field)
+    try:
+        values = np.asarray(raw)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidInputError(f"{what} is not a rectangular list of numbers: {exc}", field=field) from None
+    if values.size == 0:
+        return values.astype(dtype if dtype is not None else np.float32)
+    if values.dtype.kind not in "biuf":  # strings, None, or integers beyond 64 bits (numpy keeps them as objects)
+        raise InvalidInputError(f"{what} must hold numbers (integers within int64), got {values.dtype} values",
+                                field=field)
+    if dtype is None:
+        return values
+    if np.dtype(dtype).kind == "i":
+        if values.dtype.kind == "f" and not (np.all(np.isfinite(values)) and np.all(values == np.round(values))):
+            raise InvalidInputError(f"{what} must hold integers for dtype int64", field=field)
+        if (values.dtype.kind == "f" and (values.max() >= 2.0**63 or values.min() < -2.0**63)
+                or values.dtype.kind == "u" and values.max() > _INT64.max):
+            raise InvalidInputError(f"{what} holds integers that do not fit int64", field=field)
+    return values.astype(dtype)
+
+
+def tensor_from_json(obj: Any, field: str, *, sparse_fill: int | float = 0, rows: int | None = None,
+                     budget: ElementBudget | None = None, expected: str | None = None) -> np.ndarray:
     """A JSON TensorData {data, dtype, shape, sparse_*}; plain lists are accepted too.
 
-    A sparse tensor's unlisted cells become `sparse_fill`.
+    A sparse tensor's unlisted cells become `sparse_fill`; `rows` is the leading dimension it must have
+    (`expected`: the message when it has not, with `{shape}` for the shape it has).
     """
+    budget = budget or ElementBudget()
     if isinstance(obj, list):
-        return np.asarray(obj)
+        array = _json_numbers(obj, None, field)
+        _check_rows(list(array.shape), rows, field, expected)
+        budget.take(array.size, field)
+        return array
     if not isinstance(obj, dict) or "data" not in obj:
         raise InvalidInputError("expected a tensor {data, dtype, shape}", field=field)
     dtype = {"int64": np.int64, "float32": np.float32}.get(obj.get("dtype", "float32"))
     if dtype is None:
-        raise InvalidInputError(f"unsupported dtype {obj.get('dtype')!r}", field=field)
-    try:
-        values = np.asarray(obj["data"], dtype=dtype)
-        shape = obj.get("shape")
-        if obj.get("sparse_crow_indices") is not None:
-            return _dense_from_csr(values, np.asarray(obj["sparse_crow_indices"], np.int64),
-                                   np.asarray(obj["sparse_col_indices"], np.int64), list(shape or []), field,
-                                   fill=sparse_fill)
-        return values.reshape(shape) if shape else values
-    except (TypeError, ValueError) as exc:
-        raise InvalidInputError(f"malformed tensor: {exc}", field=field) from None
+        raise InvalidInputError(f"unsupported dtype {obj.get('dtype')!r}"[:200], field=field)
+    values = _json_numbers(obj["data"], dtype, field)
+    shape = obj.get("shape")
+    shape = None if shape is None else _declared_shape(shape, field)
+    if obj.get("sparse_crow_indices") is not None:
+        crow = _json_numbers(obj["sparse_crow_indices"], np.int64, field, "sparse_crow_indices")
+        col = _json_numbers(obj.get("sparse_col_indices"), np.int64, field, "sparse_col_indices")
+        shape = shape or []
+        _check_rows(shape, rows, field, expected)
+        return _dense_from_csr(values, crow, col, shape, field, fill=sparse_fill, budget=budget)
+    values = values.reshape(-1)
+    shape = shape or [values.size]
+    if _elements(shape) != values.size:
+        raise InvalidInputError(f"declares shape {shape} ({_elements(shape)} elements) but holds {values.size} values",
+                                field=field)
+    _check_rows(shape, rows, field)
+    budget.take(values.size, field)
+    return values.reshape(shape)
 
 
 def tokens_from_json_chunks(model_input: Any, field: str) -> np.ndarray:
@@ -161,32 +302,49 @@ def tokens_from_json_chunks(model_input: Any, field: str) -> np.ndarray:
             raise InvalidInputError("chunks must be objects", field=f"{field}.chunks[{j}]")
         kind = chunk.get("type", "encoded_text")
         if kind != "encoded_text":
-            raise UnprocessableError(f"{kind} inputs are not supported by this text model", field=field)
+            raise UnprocessableError(f"{kind} inputs are not supported by this text model"[:200], field=field)
         tokens = chunk.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
             raise InvalidInputError("tokens must be a list of integers", field=f"{field}.chunks[{j}].tokens")
-        parts.append(np.asarray(tokens, dtype=np.int64))
+        try:
+            parts.append(np.asarray(tokens, dtype=np.int64))
+        except OverflowError:
+            raise InvalidInputError("holds a token id that does not fit int64 (token ids are below the vocabulary "
+                                    "size)", field=f"{field}.chunks[{j}].tokens") from None
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
-def parse_forward_backward_json(body: dict, key: str) -> dict:
+def _optional_str(value: Any, field: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise InvalidInputError(f"must be a string, got {type(value).__name__}", field=field)
+    return value
+
+
+def parse_forward_backward_json(body: dict, key: str, *, max_elements: int | None = None) -> dict:
     """SDK <= 0.24 JSON: {forward_backward_input|forward_input: {data, loss_fn, loss_fn_config}, model_id, seq_id}."""
+    model_id = _optional_str(body.get("model_id"), "model_id")
+    seq_id = check_seq_id(body.get("seq_id"))
     inner = body.get(key)
     if not isinstance(inner, dict) or not isinstance(inner.get("data"), list):
         raise InvalidInputError(f"missing {key}.data", field=key)
+    loss_fn = _optional_str(inner.get("loss_fn"), "loss_fn")
+    loss_config = inner.get("loss_fn_config")
+    if loss_config is not None and not isinstance(loss_config, dict):
+        raise InvalidInputError("must be an object", field="loss_fn_config")
+    budget = ElementBudget(max_elements)
     data = []
     for i, datum in enumerate(inner["data"]):
         if not isinstance(datum, dict):
             raise InvalidInputError("datums must be objects", field=f"data[{i}]")
         tokens = tokens_from_json_chunks(datum.get("model_input"), f"data[{i}].model_input")
+        budget.take(tokens.size, f"data[{i}].model_input")
         raw_inputs = datum.get("loss_fn_inputs") or {}
         if not isinstance(raw_inputs, dict):
             raise InvalidInputError("must be an object", field=f"data[{i}].loss_fn_inputs")
-        inputs = {k: tensor_from_json(v, f"data[{i}].loss_fn_inputs.{k}") for k, v in raw_inputs.items()}
+        inputs = {k: tensor_from_json(v, f"data[{i}].loss_fn_inputs.{k}", rows=len(tokens), budget=budget)
+                  for k, v in raw_inputs.items()}
         data.append(Datum(input_tokens=tokens, loss_inputs=inputs))
-    seq_id = body.get("seq_id")
-    return {"model_id": body.get("model_id"), "seq_id": int(seq_id) if seq_id is not None else None,
-            "loss_fn": inner.get("loss_fn"), "loss_fn_config": inner.get("loss_fn_config"),
+    return {"model_id": model_id, "seq_id": seq_id, "loss_fn": loss_fn, "loss_fn_config": loss_config,
             "forward_only": key == "forward_input", "data": data}
 
 

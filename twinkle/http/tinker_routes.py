@@ -13,37 +13,43 @@ import time
 import uuid
 
 from fastapi import APIRouter, Request
+from pydantic import TypeAdapter
 
 from twinkle import ids
 from twinkle.api.spec import (CreateModelArgs, Empty, ForwardArgs, FromCheckpointArgs, LoadArgs, SaveArgs,
                               SaveSamplerArgs, StepArgs)
 from twinkle.errors import InvalidInputError, NotFoundError, SessionExpiredError, TwinkleError, UnprocessableError
 from twinkle.http import tinker_codec as codec
-from twinkle.http.common import context, parse, read_json, resolve_checkpoint, tenant_of, tinker_path
+from twinkle.http.common import context, parse, read_body, read_json, resolve_checkpoint, tenant_of, tinker_path
 from twinkle.http.tinker_bodies import (AdamBody, CreateModelBody, CreateSessionBody, LoadWeightsBody, LoraBody,
                                         ModelIdBody, OptimStepBody, SaveWeightsBody, SessionIdBody)
 from twinkle.http.tinker_futures import future_reply
 from twinkle.paths import check_name
-from twinkle.types import AdamParams, LoraConfig
+from twinkle.types import AdamParams, LoraConfig, SeqId
 from twinkle.validation import validate_batch
 
 router = APIRouter(prefix="/api/v1")
 
 
 # --------------------------------------------------------------- plumbing
-async def _request_target(request: Request) -> tuple[str | None, int | None]:
-    """(model_id, seq_id) of a training request, read from its raw body (protobuf or JSON)."""
-    raw = await request.body()  # cached by Starlette: the handler has already read it
-    try:
-        if codec.PROTOBUF in request.headers.get("content-type", ""):
-            message = codec.pb().ForwardBackwardRequest()
-            message.ParseFromString(codec.maybe_decompress(raw, request.headers.get("content-encoding")))
-            return message.model_id or None, int(message.seq_id)
-        data = json.loads(raw) if raw else {}
-        seq_id = data.get("seq_id")
-        return data.get("model_id"), seq_id if isinstance(seq_id, int) else None
-    except Exception:
+_SEQ_ID = TypeAdapter(SeqId | None)
+
+
+def _request_target(request: Request) -> tuple[str | None, int | None]:
+    """(model_id, seq_id) of a training request, as its handler decoded them: a rejected body is never
+    read, decompressed or parsed a second time (one that could not be parsed frees nothing)."""
+    target = getattr(request.state, "target", None)
+    if target is not None:
+        return target
+    data = getattr(request.state, "json_body", None)
+    if not isinstance(data, dict):
         return None, None
+    model_id = data.get("model_id")
+    try:
+        seq_id = _SEQ_ID.validate_python(data.get("seq_id"))  # what the body models accept
+    except ValueError:
+        seq_id = None
+    return (model_id if isinstance(model_id, str) and model_id else None), seq_id
 
 
 def frees_seq_on_rejection(handler):
@@ -55,7 +61,7 @@ def frees_seq_on_rejection(handler):
         try:
             return await handler(request)
         except TwinkleError:
-            model_id, seq_id = await _request_target(request)
+            model_id, seq_id = _request_target(request)
             if model_id and seq_id is not None:
                 ctx = context(request)
                 try:
@@ -251,22 +257,24 @@ async def _submit_forward(request: Request, parsed: dict) -> dict:
 @router.post("/forward_backward")
 @frees_seq_on_rejection
 async def forward_backward(request: Request) -> dict:
-    content_type = request.headers.get("content-type", "")
-    if codec.PROTOBUF in content_type:
-        raw = await request.body()
-        limit = context(request).config.limits.max_body_bytes
-        if len(raw) > limit:
-            raise InvalidInputError(f"request body of {len(raw)} bytes exceeds the limit of {limit}", field="body")
-        parsed = codec.parse_forward_backward_proto(raw, request.headers.get("content-encoding"))
+    limits = context(request).config.limits
+    if codec.PROTOBUF in request.headers.get("content-type", ""):
+        # decompressed once, streaming and capped; the tensors are decoded after the target is known
+        message = codec.decode_forward_backward_proto(await read_body(request), request.headers.get("content-encoding"),
+                                                      max_bytes=limits.max_body_bytes)
+        request.state.target = (message.model_id or None, message.seq_id if message.seq_id >= 0 else None)
+        parsed = codec.forward_backward_from_proto(message, max_elements=limits.max_tensor_elements)
     else:
-        parsed = codec.parse_forward_backward_json(await read_json(request), "forward_backward_input")
+        parsed = codec.parse_forward_backward_json(await read_json(request), "forward_backward_input",
+                                                   max_elements=limits.max_tensor_elements)
     return await _submit_forward(request, parsed)
 
 
 @router.post("/forward")
 @frees_seq_on_rejection
 async def forward(request: Request) -> dict:
-    parsed = codec.parse_forward_backward_json(await read_json(request), "forward_input")
+    parsed = codec.parse_forward_backward_json(await read_json(request), "forward_input",
+                                               max_elements=context(request).config.limits.max_tensor_elements)
     return await _submit_forward(request, parsed)
 
 

@@ -74,6 +74,8 @@ async def asample(request: Request) -> dict:
     tenant = await tenant_of(request)
     ctx = context(request)
     body = await parse(request, SampleBody)
+    prompt = codec.tokens_from_json_chunks(body.prompt, "prompt")  # checked before any sampler is made
+    params = _sampling_params(body.sampling_params)
     if body.sampling_session_id:
         row = await ctx.db(ctx.store.get_sampler, body.sampling_session_id, tenant)
         if row is None:
@@ -85,9 +87,11 @@ async def asample(request: Request) -> dict:
     info = ctx.info(base_model)
     targets = None
     if body.target_prompt_logprobs is not None:  # a sparse request's unlisted cells ask for nothing
-        targets = codec.tensor_from_json(body.target_prompt_logprobs, "target_prompt_logprobs", sparse_fill=-1)
-    prompt = codec.tokens_from_json_chunks(body.prompt, "prompt")
-    params = _sampling_params(body.sampling_params)
+        rows = max(len(prompt) - 1, 0)
+        targets = codec.tensor_from_json(
+            body.target_prompt_logprobs, "target_prompt_logprobs", sparse_fill=-1, rows=rows,
+            budget=codec.ElementBudget(ctx.config.limits.max_tensor_elements),
+            expected=f"must have shape [len(prompt) - 1, K] = [{rows}, K], got {{shape}}")
     validate_sampling(prompt, params, body.num_samples, info["vocab_size"], info["max_context"],
                       topk_prompt_logprobs=body.topk_prompt_logprobs, topk_sample_logprobs=body.topk_sample_logprobs,
                       target_prompt_logprobs=targets, prompt_alt_tokens_k=body.prompt_alt_tokens_k,
