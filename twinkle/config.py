@@ -101,6 +101,8 @@ class TenantQuota(_Strict):
     max_tokens_per_request: int = Field(262_144, ge=1)
     max_checkpoints: int = Field(1000, ge=1, description="saved checkpoints (named weights and sampler weights)")
     max_checkpoint_bytes: int = Field(100 * 2**30, ge=1, description="disk taken by those checkpoints")
+    max_requests_per_s: float = Field(500.0, gt=0, description="HTTP requests per second per ingress replica "
+                                      "(bursts to twice this)")
 
 
 class QuotasConfig(_Strict):

@@ -41,6 +41,12 @@ class UnprocessableError(InvalidInputError):
     status_code = 422
 
 
+class PayloadTooLargeError(InvalidInputError):
+    """A request body (as sent, or once decompressed) beyond the server's size limit (HTTP 413)."""
+
+    status_code = 413
+
+
 class AuthenticationError(TwinkleError):
     """Missing or wrong API key (HTTP 401)."""
 
@@ -112,6 +118,7 @@ _BY_NAME = {
         TwinkleError,
         InvalidInputError,
         UnprocessableError,
+        PayloadTooLargeError,
         AuthenticationError,
         PermissionDeniedError,
         NotFoundError,
@@ -124,7 +131,7 @@ _BY_NAME = {
     )
 }
 _BY_STATUS = {400: InvalidInputError, 401: AuthenticationError, 403: PermissionDeniedError,
-              404: NotFoundError, 409: ConflictError, 410: SessionExpiredError,
+              404: NotFoundError, 409: ConflictError, 410: SessionExpiredError, 413: PayloadTooLargeError,
               422: UnprocessableError, 429: CapacityError}
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from twinkle.errors import InvalidInputError
+from twinkle.errors import InvalidInputError, PayloadTooLargeError
 from twinkle.losses.specs import (CUSTOM_LOSS, FLOAT_INPUTS, INT_INPUTS, KNOWN_INPUTS, LOSS_SPECS,
                                   NORMALIZE_CHOICES, LossSpec, loss_names)
 from twinkle.types import INT64_MAX, Datum, SamplingParams
@@ -91,8 +91,10 @@ def lookup_loss(name: str, *, allow_custom: bool = False) -> LossSpec | None:
 
 def validate_batch(data: Sequence[Datum], loss: str, loss_config: dict | None, vocab_size: int,
                    *, allow_custom: bool = False, max_datums: int | None = None,
-                   max_tokens: int | None = None) -> dict[str, float | str]:
-    """Validate a training batch for `loss`; return the loss config with defaults filled in."""
+                   max_tokens: int | None = None, max_context: int | None = None) -> dict[str, float | str]:
+    """Validate a training batch for `loss`; return the loss config with defaults filled in.
+
+    `max_context`: the model's context; a longer datum would only stall everyone's pass (413)."""
     if not data:
         raise InvalidInputError("the batch is empty; send at least one datum", field="data")
     if max_datums is not None and len(data) > max_datums:
@@ -106,6 +108,9 @@ def validate_batch(data: Sequence[Datum], loss: str, loss_config: dict | None, v
         tokens = datum.input_tokens
         check_tokens(tokens, vocab_size, f"{where}.model_input")
         n = int(tokens.shape[0])
+        if max_context is not None and n > max_context:
+            raise PayloadTooLargeError(f"has {n} tokens; this model's context is {max_context} tokens "
+                                       "(split or truncate the sequence)", field=f"{where}.model_input")
         total_tokens += n
         inputs = datum.loss_inputs
         unknown = sorted(set(inputs) - KNOWN_INPUTS)

@@ -6,13 +6,15 @@ import pytest
 
 from twinkle.devserver import DevServer, start_dev_server
 
-KEYS = {"alice": "tml-alice-key", "bob": "tml-bob-key", "quota": "tml-quota-key"}
+KEYS = {"alice": "tml-alice-key", "bob": "tml-bob-key", "quota": "tml-quota-key", "slow": "tml-slow-key"}
 TEST_TIMEOUTS = {"timeouts": {"seq_gap_s": 3.0, "sweep_interval_s": 1.0}}
 # a tenant with small quotas on the shared server (test_multi_tenant_server checks the 429s)
 QUOTA_TENANT = {"max_models": 2, "max_tokens_per_request": 256, "max_queued_requests": 3, "max_checkpoints": 1}
 OPERATOR_KEY = "ops-operator-key"
 # alice and bob create models across the whole suite: their model quota is not what these tests are about
-SHARED_CONFIG = {**TEST_TIMEOUTS, "quotas": {"default": {"max_models": 1000}, "tenants": {"quota": QUOTA_TENANT}},
+SLOW_TENANT = {"max_requests_per_s": 2.0}
+SHARED_CONFIG = {**TEST_TIMEOUTS, "quotas": {"default": {"max_models": 1000},
+                                             "tenants": {"quota": QUOTA_TENANT, "slow": SLOW_TENANT}},
                  "auth": {"admin_keys": {"ops": OPERATOR_KEY}}}
 
 ServerHandle = DevServer  # what the fixtures yield: url, keys, state_dir, log_tail(), stop()

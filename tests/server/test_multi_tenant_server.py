@@ -192,3 +192,29 @@ def _quiet_pass(server):
     deadline = time.time() + 120
     while _status(server)["queued"] and time.time() < deadline:
         time.sleep(0.2)
+
+
+def test_a_tenant_over_its_request_rate_gets_429_and_others_do_not(server):
+    slow = {"X-API-Key": server.keys["slow"]}
+    codes = [requests.get(f"{server.url}/api/v1/training_runs", headers=slow, timeout=30) for _ in range(12)]
+    refused = [r for r in codes if r.status_code == 429]
+    assert refused and codes[0].status_code == 200  # a burst of 4 passes, then 2 per second
+    assert "2 requests per second" in refused[0].json()["error"] and int(refused[0].headers["Retry-After"]) >= 1
+    fine = [requests.get(f"{server.url}/api/v1/training_runs", headers={"X-API-Key": server.keys["bob"]},
+                         timeout=30).status_code for _ in range(12)]
+    assert fine == [200] * 12
+
+
+def test_a_reused_seq_id_for_another_request_is_a_conflict_and_too_long_a_datum_is_refused(server):
+    raw = Raw(server, server.keys["alice"])
+    model = raw.create_model(seed=7)
+    first = raw.forward_backward(model, 1)
+    assert raw.forward_backward(model, 1) == first  # a retry: the same request
+    reply = raw.http.post(f"{raw.url}/optim_step", json={"model_id": model, "seq_id": 1}, timeout=60)
+    assert reply.status_code == 409 and "seq_id 1" in reply.json()["error"], reply.text
+    raw.loss(first)
+
+    route, body = raw.forward_body(model, 2, forward_only=True, tokens=[20 + i % 1000 for i in range(2051)])
+    reply = raw.http.post(f"{raw.url}/{route}", json=body, timeout=60)
+    assert reply.status_code == 413 and "context is 2048 tokens" in reply.json()["error"], reply.text
+    raw.loss(raw.forward_backward(model, 3, forward_only=True))  # and the model goes on

@@ -195,9 +195,11 @@ class TransformersBackend(TrainingBackend, SamplingBackend):
         if request.adapter_id is not None or request.backward:  # forward of None: the bare base model
             self.table.get(request.adapter_id)
         if callable(request.loss):
-            validate_batch(request.data, "custom", request.loss_config, self.vocab_size, allow_custom=True)
+            validate_batch(request.data, "custom", request.loss_config, self.vocab_size, allow_custom=True,
+                           max_context=self.max_context)
             return _Planned(request, entry, None, dict(request.loss_config or {}), separable=False)
-        config = validate_batch(request.data, request.loss, request.loss_config, self.vocab_size)
+        config = validate_batch(request.data, request.loss, request.loss_config, self.vocab_size,
+                                max_context=self.max_context)
         spec = lookup_loss(request.loss)
         return _Planned(request, entry, spec.name, config, separable=spec.separable)
 

@@ -52,7 +52,9 @@ def create_app() -> FastAPI:
 
     @app.exception_handler(TwinkleError)
     async def twinkle_error(request: Request, exc: TwinkleError) -> JSONResponse:
-        return JSONResponse(_error_body(exc), status_code=exc.status_code)
+        retry = getattr(exc, "retry_after_s", None)
+        headers = {"Retry-After": str(max(1, round(retry)))} if retry is not None else None
+        return JSONResponse(_error_body(exc), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -141,7 +143,7 @@ class TwinkleIngress:
 
         try:
             await self._ctx.ensure_started()
-            tenant = self._ctx.keys.tenant_for({"x-api-key": api_key} if api_key else {})
+            tenant = self._ctx.tenant_for({"x-api-key": api_key} if api_key else {})
             body = wire.loads(payload) if payload else {}
             api = NativeAPI(self._ctx)
             if op == "submit":

@@ -8,7 +8,7 @@ from typing import TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from twinkle.errors import InvalidInputError, NotFoundError
+from twinkle.errors import InvalidInputError, NotFoundError, PayloadTooLargeError
 from twinkle.http.context import ServerContext
 
 T = TypeVar("T", bound=BaseModel)
@@ -40,22 +40,11 @@ def context(request: Request | None = None) -> ServerContext:
 async def tenant_of(request: Request) -> str:
     ctx = context(request)
     await ctx.ensure_started()
-    return ctx.keys.tenant_for(request.headers)
+    return ctx.tenant_for(request.headers)
 
 
-class BodyTooLargeError(InvalidInputError):
-    """A request body (as sent, or once decompressed) beyond `limits.max_body_bytes` (HTTP 413).
-
-    Reported as an InvalidInputError, so that clients rebuild the error type they know."""
-
-    status_code = 413
-
-    def to_dict(self) -> dict:
-        return {**super().to_dict(), "type": "InvalidInputError"}
-
-
-def body_too_large(size: int | str, limit: int, what: str = "request body") -> BodyTooLargeError:
-    return BodyTooLargeError(f"{what} of {size} bytes exceeds this server's limit of {limit} bytes "
+def body_too_large(size: int | str, limit: int, what: str = "request body") -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"{what} of {size} bytes exceeds this server's limit of {limit} bytes "
                              "(limits.max_body_bytes); send smaller requests", field="body")
 
 

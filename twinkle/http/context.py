@@ -18,8 +18,10 @@ from twinkle.actors.scheduler import scheduler_name
 from twinkle.actors.work import PASS_METHODS, WorkItem, future_kind
 from twinkle.api.service import CREATE_MODEL_METHODS
 from twinkle.config import ServerConfig
-from twinkle.errors import InvalidInputError, NotFoundError, QuotaExceededError, ServerUnavailableError
+from twinkle.errors import (ConflictError, InvalidInputError, NotFoundError, QuotaExceededError,
+                            ServerUnavailableError)
 from twinkle.http.auth import KeyRing
+from twinkle.http.ratelimit import RateLimiter
 from twinkle.layout import run_dir_name
 from twinkle.store import Store
 
@@ -32,6 +34,7 @@ class ServerContext:
         self.state_dir = Path(config.state_dir).resolve()
         self.store = Store(self.state_dir / "twinkle.db")
         self.keys = KeyRing(config.resolved_keys(), config.resolved_admin_keys())
+        self.rate = RateLimiter()
         self.schedulers: dict[str, Any] = {}
         self.model_info: dict[str, dict] = {}
         self._models: dict[str, tuple[str, str]] = {}  # model_id -> (tenant, base_model)
@@ -99,6 +102,12 @@ class ServerContext:
     def run_dir(model_id: str) -> str:
         return run_dir_name(model_id)
 
+    def tenant_for(self, headers) -> str:
+        """The request's tenant, admitted under its requests-per-second quota."""
+        tenant = self.keys.tenant_for(headers)
+        self.rate.admit(tenant, self.config.quotas.of(tenant).max_requests_per_s)
+        return tenant
+
     # --------------------------------------------------------------- futures
     async def submit(self, tenant: str, base_model: str, method: str, target_id: str | None, args, *,
                      seq_id: int | None = None, ordered: bool = False, extra: dict | None = None,
@@ -111,6 +120,10 @@ class ServerContext:
             self.store.create_future, uuid.uuid4().hex, tenant, kind=kind, target_id=target_id, seq_id=seq_id,
             base_model=base_model, extra=extra or {}, idempotency_key=idempotency_key)
         request_id = record_.request_id
+        if not _created and _request_kind(record_.extra) != _request_kind(extra or {}):
+            raise ConflictError(f"seq_id {seq_id} of {target_id} was already used by a {_request_kind(record_.extra)} "
+                                f"request; a retry must repeat that request, a new request takes the next seq_id",
+                                field="seq_id")
         self._futures[request_id] = (tenant, base_model, record_.extra)
         if record_.status == "pending":  # re-submitting a retry is harmless: the scheduler dedupes
             item = WorkItem(request_id, tenant, method, target_id, args, seq_id=seq_id, ordered=ordered,
@@ -222,6 +235,11 @@ class ServerContext:
         for base_model, model_ids in by_model.items():
             if base_model in self.schedulers:
                 await self.schedulers[base_model].end_session.remote(model_ids)
+
+
+def _request_kind(extra: dict) -> str:
+    """What a future was for (the Tinker reply type, or the native method), to tell a retry from a clash."""
+    return str(extra.get("method") or extra.get("type") or "unknown")
 
 
 def _remove_tree(path: str) -> None:

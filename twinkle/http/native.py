@@ -146,8 +146,10 @@ class NativeAPI:
                     "`trust_remote_code: true` in the server config", field="custom_loss")
             if args.custom_loss is None and args.loss is not None:
                 limits = ctx.config.limits
-                validate_batch(args.data, args.loss, args.loss_config, ctx.info(base_model)["vocab_size"],
-                               max_datums=limits.max_datums_per_request, max_tokens=limits.max_tokens_per_request)
+                info = ctx.info(base_model)
+                validate_batch(args.data, args.loss, args.loss_config, info["vocab_size"],
+                               max_datums=limits.max_datums_per_request, max_tokens=limits.max_tokens_per_request,
+                               max_context=info["max_context"])
         elif method == "save":
             check_name(args.name, "name")
             extra["tinker_path"] = tinker_path(target_id, args.kind, args.name)

@@ -245,7 +245,8 @@ async def _submit_forward(request: Request, parsed: dict) -> dict:
     if not loss:
         raise InvalidInputError("missing loss_fn; e.g. cross_entropy", field="loss_fn")
     validate_batch(parsed["data"], loss, parsed["loss_fn_config"], info["vocab_size"],
-                   max_datums=limits.max_datums_per_request, max_tokens=limits.max_tokens_per_request)
+                   max_datums=limits.max_datums_per_request, max_tokens=limits.max_tokens_per_request,
+                   max_context=info["max_context"])
     forward_only = parsed["forward_only"]
     args = ForwardArgs(data=parsed["data"], loss=loss, loss_config=parsed["loss_fn_config"])
     request_id = await ctx.submit(tenant, base_model, "forward" if forward_only else "forward_backward", model_id,
