@@ -212,6 +212,9 @@ def test_a_reused_seq_id_for_another_request_is_a_conflict_and_too_long_a_datum_
     assert raw.forward_backward(model, 1) == first  # a retry: the same request
     reply = raw.http.post(f"{raw.url}/optim_step", json={"model_id": model, "seq_id": 1}, timeout=60)
     assert reply.status_code == 409 and "seq_id 1" in reply.json()["error"], reply.text
+    route, body = raw.forward_body(model, 1, tokens=list(range(40, 60)))  # the same method, other data
+    reply = raw.http.post(f"{raw.url}/{route}", json=body, timeout=60)
+    assert reply.status_code == 409 and "different" in reply.json()["error"], reply.text
     raw.loss(first)
 
     route, body = raw.forward_body(model, 2, forward_only=True, tokens=[20 + i % 1000 for i in range(2051)])

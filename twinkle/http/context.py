@@ -116,14 +116,17 @@ class ServerContext:
         scheduler = self.scheduler(base_model)
         await self._check_quota(tenant, method, args)
         kind = future_kind(method, ordered)
+        extra = dict(extra or {})
+        if seq_id is not None or idempotency_key:  # what tells a retry from a different request under its id
+            extra["digest"] = await asyncio.to_thread(_digest_of, method, args)
         record_, _created = await self.db(
             self.store.create_future, uuid.uuid4().hex, tenant, kind=kind, target_id=target_id, seq_id=seq_id,
-            base_model=base_model, extra=extra or {}, idempotency_key=idempotency_key)
+            base_model=base_model, extra=extra, idempotency_key=idempotency_key)
         request_id = record_.request_id
-        if not _created and _request_kind(record_.extra) != _request_kind(extra or {}):
-            raise ConflictError(f"seq_id {seq_id} of {target_id} was already used by a {_request_kind(record_.extra)} "
-                                f"request; a retry must repeat that request, a new request takes the next seq_id",
-                                field="seq_id")
+        if not _created and record_.extra.get("digest", extra.get("digest")) != extra.get("digest"):
+            raise ConflictError(f"seq_id {seq_id} of {target_id} was already used by a different "
+                                f"{_request_kind(record_.extra)} request; a retry must repeat that request exactly, "
+                                "and a new request takes the next seq_id", field="seq_id")
         self._futures[request_id] = (tenant, base_model, record_.extra)
         if record_.status == "pending":  # re-submitting a retry is harmless: the scheduler dedupes
             item = WorkItem(request_id, tenant, method, target_id, args, seq_id=seq_id, ordered=ordered,
@@ -235,6 +238,14 @@ class ServerContext:
         for base_model, model_ids in by_model.items():
             if base_model in self.schedulers:
                 await self.schedulers[base_model].end_session.remote(model_ids)
+
+
+def _digest_of(method: str, args) -> str:
+    """A fingerprint of a request (its method and arguments), the same for every retry of it."""
+    import hashlib
+
+    payload = args.model_dump() if hasattr(args, "model_dump") else args
+    return hashlib.sha256(method.encode() + b"\0" + wire.dumps(payload)).hexdigest()[:32]
 
 
 def _request_kind(extra: dict) -> str:
