@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import requests
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
