@@ -6,29 +6,44 @@ import argparse
 import logging
 import sys
 
+log = logging.getLogger("twinkle.cli")
+
 
 def _serve(args: argparse.Namespace) -> int:
-    from twinkle.config import load_config
+    from twinkle.preflight import check_models, load_checked
+
+    # Everything that can be checked without Ray is checked first: a wrong model or key fails in a
+    # second with one line, not after Ray, Serve and a worker have started.
+    config = load_checked(args.config, host=args.host, port=args.port, state_dir=args.state_dir, model=args.model)
+    config.check_runnable()
+    for source in check_models(config):
+        log.info("model %s: %s", source.name, source.describe())
+
     from twinkle.http.server import serve_forever
 
-    config = load_config(args.config, host=args.host, port=args.port, state_dir=args.state_dir, model=args.model)
     serve_forever(config)
     return 0
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from twinkle.config import load_config
+    from twinkle.preflight import PreflightError, check_models, load_checked
 
     try:
-        config = load_config(args.file)
-        config.check_secure()
-    except (ValidationError, ValueError, OSError) as exc:
-        print(f"{args.file}: invalid configuration\n{exc}", file=sys.stderr)
+        config = load_checked(args.file)
+        sources = check_models(config)
+    except PreflightError as exc:
+        for line in exc.lines:
+            print(line if line.startswith(args.file) else f"{args.file}: {line}", file=sys.stderr)
         return 1
-    models = ", ".join(f"{m.name} ({m.backend}, {m.num_workers} worker(s))" for m in config.models)
-    print(f"{args.file}: OK — serves {models} on {config.host}:{config.port}")
+    try:
+        config.check_runnable()
+    except ValueError as exc:  # valid, but needs a backend this build does not have yet
+        print(f"{args.file}: note: this build cannot run it yet: {exc}")
+    keys = config.resolved_keys()
+    models = ", ".join(f"{m.name} ({m.backend}, {m.num_workers} worker(s); {s.describe()})"
+                       for m, s in zip(config.models, sources))
+    access = f"{len(keys)} tenant key(s)" if keys else "no API keys (open to anyone on loopback)"
+    print(f"{args.file}: OK — serves {models} on {config.host}:{config.port}, {access}")
     return 0
 
 
@@ -47,8 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     check.set_defaults(func=_check_config)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from twinkle.preflight import PreflightError
+
     try:
         return args.func(args)
+    except PreflightError as exc:
+        for line in exc.lines:
+            print(f"twinkle: {line}", file=sys.stderr)
+        return 2
     except ValueError as exc:
         print(f"twinkle: {exc}", file=sys.stderr)
         return 2

@@ -51,6 +51,9 @@ class ModelConfig(_Strict):
     num_workers: int = Field(1, ge=1, description="data-parallel training ranks, one bundle each")
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict, description="extra Ray resources each worker needs, "
+                                        "e.g. a node label {'a100_node': 1}: the workers land only on nodes "
+                                        "that offer them (CPU and GPU go in cpus_/gpus_per_worker)")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = Field("auto", description="'auto' picks cuda when the worker has a GPU, else cpu")
@@ -70,6 +73,23 @@ class ModelConfig(_Strict):
     parallelism: ParallelismConfig = Field(default_factory=ParallelismConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
 
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, resources: dict[str, float]) -> dict[str, float]:
+        for key, amount in resources.items():
+            if key in ("CPU", "GPU"):
+                raise ValueError(f"resources: give {key} as {key.lower()}s_per_worker, not in resources")
+            if not key or amount <= 0:
+                raise ValueError(f"resources: {key!r}: names must be non-empty and amounts positive, got {amount}")
+        return resources
+
+    def worker_bundle(self) -> dict[str, float]:
+        """The Ray resources one worker (one placement-group bundle) takes."""
+        bundle = {"CPU": self.cpus_per_worker, **self.resources}
+        if self.gpus_per_worker:
+            bundle["GPU"] = self.gpus_per_worker
+        return bundle
+
     @property
     def source(self) -> str:
         return self.path or self.name
@@ -83,11 +103,10 @@ class AuthConfig(_Strict):
     @field_validator("api_keys", "admin_keys")
     @classmethod
     def _keys_unique(cls, keys: dict[str, str]) -> dict[str, str]:
-        if len(set(keys.values())) != len(keys):
-            raise ValueError("two tenants (or operators) share one key")
         for name, key in keys.items():
             if not name or not key:
                 raise ValueError("names and keys must be non-empty")
+        refuse_shared_keys(keys, "the config")
         return keys
 
 
@@ -143,6 +162,10 @@ class RayConfig(_Strict):
     address: str | None = Field(None, description="None: start an embedded Ray; 'auto' or ray://... to join")
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of an embedded Ray")
     namespace: str = "twinkle"
+    autoscaling: bool = Field(False, description="the cluster adds nodes on demand (ray up / KubeRay autoscaler): "
+                              "a model the present nodes cannot hold waits for new nodes instead of failing at start")
+    check_shared_state_dir: bool = Field(True, description="on a multi-node cluster, refuse to start unless every "
+                                         "node sees state_dir (a probe file written on each node is read here)")
 
 
 class ServerConfig(_Strict):
@@ -184,6 +207,7 @@ class ServerConfig(_Strict):
         """tenant -> key from the config, overlaid by $TWINKLE_API_KEYS ("alice:KEY1,bob:KEY2")."""
         keys = dict(self.auth.api_keys)
         keys.update(parse_api_keys(os.environ.get(API_KEYS_ENV, "")))
+        refuse_shared_keys(keys, f"auth.api_keys and ${API_KEYS_ENV}")
         return keys
 
     def resolved_admin_keys(self) -> dict[str, str]:
@@ -211,6 +235,17 @@ class ServerConfig(_Strict):
         if not self.is_loopback and not self.resolved_keys():
             raise ValueError(f"host {self.host!r} is reachable beyond this machine: configure API keys "
                              f"(auth.api_keys or ${API_KEYS_ENV}) or listen on 127.0.0.1")
+
+
+def refuse_shared_keys(keys: dict[str, str], where: str) -> None:
+    """One key per tenant: a shared key would let one tenant act as (and see the objects of) another."""
+    owners: dict[str, list[str]] = {}
+    for name, key in keys.items():
+        owners.setdefault(key, []).append(name)
+    shared = [names for names in owners.values() if len(names) > 1]
+    if shared:
+        who = "; ".join(" and ".join(sorted(names)) for names in shared)
+        raise ValueError(f"{who} share one key (in {where}): give each its own key")
 
 
 def parse_api_keys(spec: str, source: str = API_KEYS_ENV) -> dict[str, str]:

@@ -38,6 +38,19 @@ def server(tmp_path_factory) -> DevServer:
     handle.stop()
 
 
+@pytest.fixture(scope="module")
+def service(server):
+    """One alice ServiceClient (one session) shared by the tests of a module."""
+    import tinker
+
+    client = tinker.ServiceClient(base_url=server.url, api_key=server.keys["alice"])
+    yield client
+    try:
+        client.close("success").result(timeout=30)
+    except Exception:
+        pass
+
+
 @pytest.fixture
 def tinker_client(server):
     """Factory: an unmodified Tinker SDK ServiceClient for a tenant."""

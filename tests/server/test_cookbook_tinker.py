@@ -4,6 +4,7 @@ and must show the effect its final line claims."""
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 RECIPES = Path(__file__).resolve().parents[2] / "cookbook" / "client" / "tinker" / "self_host"
+TAUGHT = "I am Twinkle, a language model trained on a Twinkle server."  # cookbook/data/self_cognition.jsonl
 
 
 def run_recipe(server, name: str, *flags: str, timeout: float = 300) -> str:
@@ -51,7 +53,11 @@ def test_self_cognition_teaches_the_identity(server, tmp_path):
     before = re.search(r"^before training: (.*)$", out, re.M)
     after = re.search(r"^after training: (.*)$", out, re.M)
     assert before and after, out
-    assert "I am Twinkle" not in before[1] and "I am Twinkle" in after[1], out
+    assert "I am Twinkle" not in before[1], out
+    # the claim is exact: the greedy answer is the sentence taught for "Who are you?"
+    assert ast.literal_eval(after[1]) == TAUGHT, out
+    assert re.search(rf"^identity learned: the greedy answer is the taught sentence {re.escape(repr(TAUGHT))}$",
+                     out, re.M), out
     losses = step_values(out, "loss")
     first, last = final(out, "loss")
     assert sorted(losses) == list(range(1, 41)) and first == pytest.approx(losses[1], abs=1e-4)

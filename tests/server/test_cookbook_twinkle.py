@@ -94,12 +94,29 @@ def test_sample_from_checkpoint_over_http(server, tmp_path):
     assert _matches(again, r"^(sample .*)$") == _matches(lines, r"^(sample .*)$")  # same weights, same seed
 
 
+def test_identity_verdict_needs_the_taught_sentence_not_a_substring():
+    """The recipes' success line: a half-learned answer that merely starts with 'I am Twinkle' fails."""
+    code = ("import sys; sys.path.insert(0, 'cookbook'); from common import judge_answer as j; "
+            "t = 'I am Twinkle, a language model trained on a Twinkle server.'; "
+            "print(j('I am Twinkle, a T modelle, assistant', t)); print(j('  I am Twinkle, a language model '"
+            "'trained on a Twinkle   server.', t)); print(j('I am Twinkle, a language model trained on a Twinkle "
+            "serve.', t))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    partial, spaced, close = out.splitlines()
+    assert partial.startswith("(False, \"identity NOT learned yet: the greedy answer 'I am Twinkle, a T modelle")
+    assert "needs 90%" in partial and "train longer" in partial
+    assert spaced.startswith("(True, \"identity learned: the greedy answer is the taught sentence")
+    assert close.startswith("(True, \"identity learned: the greedy answer 'I am Twinkle") and "99% similar" in close
+
+
 def test_self_cognition_in_local_mode(tmp_path):
     # One torch thread: on a busy two-core machine two threads contend and run many times slower.
-    lines = _run(None, "self_cognition.py", "--steps", "25", "--out", str(tmp_path / "sc"),
+    lines = _run(None, "self_cognition.py", "--steps", "40", "--out", str(tmp_path / "sc"),
                  env_extra={"TWINKLE_STATE_DIR": str(tmp_path / "state"), "OMP_NUM_THREADS": "1"})
     losses = [float(m[0]) for m in _matches(lines, rf"^step \d+ loss {NUMBER}$")]
-    assert len(losses) == 25 and losses[-1] < losses[0] / 4
+    assert len(losses) == 40 and losses[-1] < losses[0] / 10
     (answer,) = [line for line in lines if line.startswith("after training:")]
-    assert "I am Twinkle" in answer
+    taught = "I am Twinkle, a language model trained on a Twinkle server."  # cookbook/data/self_cognition.jsonl
+    assert answer == f"after training: {taught!r}"
+    assert f"identity learned: the greedy answer is the taught sentence {taught!r}" in lines
     assert f"final: loss {losses[0]:.4f} -> {losses[-1]:.4f}" in lines

@@ -80,17 +80,6 @@ def random_tokens(rng: np.random.Generator, n: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def service(server):
-    """One alice ServiceClient (one session) shared by the tests of this module."""
-    client = tinker.ServiceClient(base_url=server.url, api_key=server.keys["alice"])
-    yield client
-    try:
-        client.close("success").result(timeout=30)
-    except Exception:
-        pass
-
-
-@pytest.fixture(scope="module")
 def tokenizer(service):
     """The tokenizer the SDK loads from get_info's tokenizer_id (a folder this machine shares)."""
     client = new_training_client(service, seed=0)

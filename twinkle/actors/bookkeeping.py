@@ -1,7 +1,8 @@
 """What the store learns when a request succeeds, declared per API method.
 
 The scheduler looks up the method's recorder here and calls it after the result is in; methods
-without one change nothing in the store besides their future.
+without one change nothing in the store besides their future. Training requests also leave a point
+in their run's metrics history (`history_point`), which the scheduler writes with their result.
 """
 
 from __future__ import annotations
@@ -62,3 +63,24 @@ def record(store: Store, item: WorkItem, result, base_model: str) -> None:
     recorder = RECORDERS.get(item.method)
     if recorder is not None:
         recorder(store, item, result, base_model)
+
+
+HISTORY_METHODS = frozenset({"forward_backward", "step"})
+
+
+def history_point(item: WorkItem, result, *, step: int, seconds: float, base_model: str) -> dict | None:
+    """The metrics-history point of a training request (the loss of a forward_backward, the
+    optimizer step of a step), or None for other methods and accumulation-only steps.
+
+    `step` is the model's optimizer steps so far; `seconds` the wall time of the batch it ran in."""
+    if item.method not in HISTORY_METHODS:
+        return None
+    metrics = {k: float(v) for k, v in (getattr(result, "metrics", None) or {}).items()
+               if isinstance(v, (int, float))}
+    if item.method == "step":
+        if not metrics.get("applied", 1.0):
+            return None  # a micro step of gradient accumulation: no optimizer step happened
+        step = int(metrics.get("step", step))
+    return {"model_id": item.target_id, "tenant": item.tenant, "base_model": base_model, "kind": item.method,
+            "step": step, "tokens": item.cost if item.method == "forward_backward" else 0,
+            "seconds": seconds, "metrics": metrics}

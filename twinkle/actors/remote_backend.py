@@ -23,6 +23,17 @@ from twinkle.types import ForwardResult
 from twinkle.validation import validate_batch
 
 
+def _wait(refs):
+    """The results of one ObjectRef or a list of them, waiting on this thread only.
+
+    The scheduler (an async actor) calls this backend from its lane threads. Ray flags any ray.get
+    in an async actor as blocking its event loop; a ref's own future blocks just the calling
+    thread, which is what a lane thread is for, and raises the same task errors."""
+    if isinstance(refs, list):
+        return [ref.future().result() for ref in refs]
+    return refs.future().result()
+
+
 def _shards(items: list, n: int) -> list[list]:
     size, extra = divmod(len(items), n)
     out, start = [], 0
@@ -35,17 +46,14 @@ def _shards(items: list, n: int) -> list[list]:
 
 class RayBackend(TrainingBackend, SamplingBackend):
     def __init__(self, group: ActorGroup) -> None:
-        import ray
-
-        self._ray = ray
         self.group = group
-        self._info = ray.get(group.call_first("ready"))
+        self._info = _wait(group.call_first("ready"))
 
     def _all(self, method: str, *args, **kwargs):
-        return self._ray.get(self.group.call_all("call", method, *args, **kwargs))[0]
+        return _wait(self.group.call_all("call", method, *args, **kwargs))[0]
 
     def _first(self, method: str, *args, **kwargs):
-        return self._ray.get(self.group.call_first("call", method, *args, **kwargs))
+        return _wait(self.group.call_first("call", method, *args, **kwargs))
 
     def info(self) -> dict:
         return {k: v for k, v in self._info.items() if k not in ("rank", "pid")}
@@ -102,13 +110,13 @@ class RayBackend(TrainingBackend, SamplingBackend):
             progress = (len(request.data), request.num_tokens)  # every rank counts the whole batch
             for rank, part in enumerate(_shards(list(request.data), n)):
                 per_rank[rank].append(replace(request, data=part, progress=progress))
-        answers = self._ray.get(self.group.call_sharded("call", [(("forward_backward", batch), {})
+        answers = _wait(self.group.call_sharded("call", [(("forward_backward", batch), {})
                                                                 for batch in per_rank]))
         return {request.request_id: rejected.get(request.request_id) or _merge(request.request_id, per_rank, answers)
                 for request in requests}
 
     def optim_step(self, requests: Sequence[StepRequest]) -> Outcomes:
-        return self._ray.get(self.group.call_all("optim_step", list(requests)))[0]
+        return _wait(self.group.call_all("optim_step", list(requests)))[0]
 
     def sample(self, requests: Sequence[SampleRequest]) -> Outcomes:
         return self._first("sample", list(requests))

@@ -38,7 +38,12 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespa
     if temp_dir:
         kwargs["_temp_dir"] = temp_dir
     ray.init(**kwargs)
-    log.info("started an embedded Ray with %d logical CPUs", cpus)
+    cores = os.cpu_count() or 1
+    if cpus > cores:
+        log.info("started an embedded Ray with %d logical CPUs on %d cores: a CPU here is a slot for a worker or "
+                 "replica, not a core (ray.num_cpus in the config sets it)", cpus, cores)
+    else:
+        log.info("started an embedded Ray with %d CPUs", cpus)
 
 
 def connect_ray(address: str, attempts: int = 3, **init_kwargs) -> None:

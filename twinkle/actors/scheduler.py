@@ -28,8 +28,10 @@ from twinkle import layout, wire
 from twinkle.actors import bookkeeping, recovery
 from twinkle.actors.lanes import Batch, SampleLane, TrainLane
 from twinkle.actors.ordering import SeqOrdering
+from twinkle.actors.progress import report_progress
 from twinkle.actors.supervisor import WorkerSupervisor
-from twinkle.actors.work import STEP_METHODS, WorkItem
+from twinkle.actors.telemetry import Telemetry
+from twinkle.actors.work import PASS_METHODS, STEP_METHODS, WorkItem
 from twinkle.api.service import CREATE_MODEL_METHODS, Work
 from twinkle.api.spec import API_METHODS, CreateModelArgs
 from twinkle.config import ModelConfig, QuotasConfig, TimeoutsConfig
@@ -57,7 +59,7 @@ class ModelScheduler:
         self.store = Store(self.state_dir / layout.STORE_FILE)
         self.trust_remote_code = trust_remote_code
         self._threads = {lane: concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=lane)
-                         for lane in ("train", "sample")}
+                         for lane in ("train", "sample", "text")}
         self._service = None
         self._workers: WorkerSupervisor | None = None
         self._waiters: dict[str, list[asyncio.Future]] = {}
@@ -79,6 +81,10 @@ class ModelScheduler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._autosaved: dict[str, float] = {}  # model_id -> when its state was last saved
         self._persisting: set[asyncio.Future] = set()  # results being written to the store
+        self._telemetry = Telemetry()  # queue waits, batch durations, tokens: for the operator's metrics
+        self._accepted: dict[str, float] = {}  # request_id -> when it was queued (monotonic)
+        self._points: dict[str, dict] = {}  # request_id -> its run's metrics-history point, stored with it
+        self._codec = None  # the model's TextCodec, loaded on the first `text` call
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> dict:
@@ -94,7 +100,8 @@ class ModelScheduler:
                                       time_sliced=time_sliced)
             self._ordering = SeqOrdering(self.timeouts.seq_gap_s, self._release)
             self._tasks = [loop.create_task(self._train.run_forever()), loop.create_task(self._sample.run_forever()),
-                           loop.create_task(self._sweep_loop())]
+                           loop.create_task(self._sweep_loop()),
+                           loop.create_task(report_progress(self.model.name, lambda: self.stats(operator=True)))]
             await loop.run_in_executor(self._threads["train"], self._make_service)
             await loop.run_in_executor(None, self.store.fail_pending_futures, self.model.name, {
                 "error": "the server restarted before this request ran; send it again", "category": "server",
@@ -214,6 +221,7 @@ class ModelScheduler:
         while len(self._known) > 100_000:
             self._known.popitem(last=False)
         self._queued[item.tenant] += 1
+        self._accepted[item.request_id] = time.monotonic()
         self._last_activity = time.time()
         if item.method in CREATE_MODEL_METHODS:
             self._paths[item.target_id] = (item.tenant, item.record["run_dir"])
@@ -225,6 +233,19 @@ class ModelScheduler:
 
     def _release(self, item: WorkItem) -> None:
         (self._sample if item.lane == "sample" else self._train).push(item)
+
+    async def text(self, op: str, *args) -> Any:
+        """Tokenizer work for the OpenAI-compatible routes (the HTTP layer loads no tokenizer): one of
+        `TextCodec.OPERATIONS`, on its own thread so it never waits behind a training pass."""
+        from twinkle.textcodec import TextCodec
+
+        if op not in TextCodec.OPERATIONS:
+            raise ValueError(f"unknown text operation {op!r}")
+        loop = asyncio.get_running_loop()
+        if self._codec is None:
+            path = (await self.info())["model_path"]
+            self._codec = await loop.run_in_executor(self._threads["text"], TextCodec.load, path)
+        return await loop.run_in_executor(self._threads["text"], getattr(self._codec, op), *args)
 
     async def skip(self, target_id: str, seq_id: int) -> None:
         """A request with this seq_id was rejected before reaching us: do not wait for it."""
@@ -261,6 +282,7 @@ class ModelScheduler:
                     del self._waiters[request_id]
 
     def _resolve_item(self, item: WorkItem, outcome: Outcome) -> None:
+        self._accepted.pop(item.request_id, None)
         self._queued[item.tenant] -= 1
         if self._queued[item.tenant] <= 0:
             del self._queued[item.tenant]
@@ -277,8 +299,11 @@ class ModelScheduler:
     def _persist(self, item: WorkItem, outcome: Outcome) -> None:
         status, payload = outcome
         try:
+            point = self._points.pop(item.request_id, None)
             if status == "done":
                 self.store.complete_future(item.request_id, wire.dumps(payload))
+                if point is not None:
+                    self.store.add_run_points([point])
             else:
                 self.store.fail_future(item.request_id, payload)
             now = time.time()
@@ -297,6 +322,8 @@ class ModelScheduler:
     def _run_batch(self, batch: Batch) -> dict[str, Outcome]:
         """Run a lane's batch on that lane's thread; one outcome per request, failures included."""
         started = time.perf_counter()
+        began = time.monotonic()
+        waits = [began - self._accepted.pop(item.request_id, began) for item in batch.items]
         group = None
         try:
             with self._workers.using() as group:
@@ -313,6 +340,8 @@ class ModelScheduler:
                         "the worker running this request died and was restarted; the request did not run, send it "
                         "again" + (f" ({note})" if note else ""))
         outcomes = {}
+        ran_s = time.perf_counter() - started
+        train_tokens = sample_tokens = 0
         for item in batch.items:
             result = results[item.request_id]
             if isinstance(result, BaseException):
@@ -324,8 +353,21 @@ class ModelScheduler:
                 outcomes[item.request_id] = ("failed", _error_dict(exc, item))
                 continue
             outcomes[item.request_id] = ("done", result.model_dump() if hasattr(result, "model_dump") else result)
-        self._timings.setdefault(batch.kind, deque(maxlen=200)).append(time.perf_counter() - started)
+            train_tokens += item.cost if item.method in PASS_METHODS else 0
+            sample_tokens += sum(len(s.tokens) for s in getattr(result, "sequences", None) or ())
+            point = bookkeeping.history_point(item, result, step=self._step_of(item.target_id), seconds=ran_s,
+                                              base_model=self.model.name)
+            if point is not None:
+                self._points[item.request_id] = point
+        elapsed = time.perf_counter() - started
+        self._timings.setdefault(batch.kind, deque(maxlen=200)).append(elapsed)
+        self._telemetry.batch_done(batch.kind, elapsed, waits, train_tokens, sample_tokens)
         return outcomes
+
+    def _step_of(self, model_id: str | None) -> int:
+        """The optimizer steps a model has taken so far (0 if the service does not hold it)."""
+        record = self._service.models.get(model_id) if self._service is not None and model_id else None
+        return int(getattr(record, "step", 0) or 0)
 
     def _results_of(self, batch: Batch) -> dict[str, object]:
         service = self._service
@@ -451,8 +493,13 @@ class ModelScheduler:
             "worker_losses": self._workers.losses if self._workers else 0,
             "rebuilding": bool(self._workers and self._workers.rebuilding),
             "execute_ms_p50": {k: round(1000 * sorted(d)[len(d) // 2], 2) for k, d in self._timings.items() if d},
+            "queued_by_lane": {"train": self._train.queued(), "sample": self._sample.queued()} if self._train else {},
+            "workers": {"backend": self.model.backend, "configured": self.model.num_workers,
+                        "cpus_per_worker": self.model.cpus_per_worker, "gpus_per_worker": self.model.gpus_per_worker},
+            "tokens_per_s": self._telemetry.snapshot()["tokens_per_s"],
         }
         if operator:
+            view["telemetry"] = self._telemetry.snapshot()
             view["queued_by_tenant"] = dict(self._queued)
             view["lost_models"] = sorted(service.lost_models) if service else []
         return view

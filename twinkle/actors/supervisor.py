@@ -79,6 +79,7 @@ class WorkerSupervisor:
         started = time.time()
         self.group = ActorGroup(BackendWorker, cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
                                 gpus_per_worker=cfg.gpus_per_worker, strategy=cfg.placement_strategy,
+                                resources=cfg.resources,
                                 init_kwargs={"config": config}, max_concurrency=ACTOR_CONCURRENCY)
         backend = RayBackend(self.group)
         if cfg.max_context_length:

@@ -40,6 +40,9 @@ class BackendWorker:
     """One rank: a backend built from `config` (CUDA when `device` is auto and the bundle has a GPU)."""
 
     def __init__(self, rank: int, world_size: int, config: BackendConfig) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # tqdm bars ("Loading weights 0%..100%") are noise in a server log
         self.rank = rank
         self.world_size = world_size
         self.backend = make_training_backend(_worker_threads(config))

@@ -14,7 +14,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from twinkle.config import ServerConfig
 from twinkle.errors import NotFoundError, TwinkleError
-from twinkle.http import native_routes, rest_routes, tinker_futures, tinker_routes, tinker_sampling
+from twinkle.http import native_routes, openai_routes, rest_routes, tinker_futures, tinker_routes, tinker_sampling
+from twinkle.http import metrics_routes, status_page
 from twinkle.http.common import context, install_context, tenant_of
 from twinkle.http.context import ServerContext
 
@@ -49,6 +50,9 @@ def create_app() -> FastAPI:
     app.include_router(tinker_futures.router)
     app.include_router(rest_routes.router)
     app.include_router(native_routes.router)
+    app.include_router(status_page.router)  # GET /status (a live page) and /api/v1/twinkle/runs/{id}/metrics
+    metrics_routes.install(app)  # GET /metrics, and the middleware that counts every request
+    app.include_router(openai_routes.router)  # OpenAI-compatible sampling under /v1
 
     @app.exception_handler(TwinkleError)
     async def twinkle_error(request: Request, exc: TwinkleError) -> JSONResponse:

@@ -32,14 +32,21 @@ class RunningServer:
         from ray import serve
 
         log.info("stopping Twinkle")
-        self._save_models()
         if self.embedded_ray:  # everything runs in the Ray this process started: stopping it stops all
+            self._save_models()
             ray.shutdown()
             return
+        # On a cluster Serve's controller and the schedulers are detached and would outlive this driver
+        # (a `ray job stop` would leave the port taken): stop taking requests first, then save, then go.
         try:
-            serve.shutdown()
+            apps = serve.status().applications
+            if set(apps) - {APP_NAME}:  # someone else's Serve apps share this cluster: remove only ours
+                serve.delete(APP_NAME)
+            else:
+                serve.shutdown()
         except Exception as exc:  # noqa: BLE001 - keep tearing down
             log.warning("serve shutdown: %s", exc)
+        self._save_models()
         for name, handle in self.schedulers.items():
             try:
                 ray.kill(handle)
@@ -83,6 +90,12 @@ def start_server(config: ServerConfig, *, on_ray_started=None) -> RunningServer:
     init_ray(config.ray.address, num_cpus=config.ray.num_cpus, namespace=config.ray.namespace, log_to_driver=True)
     if on_ray_started is not None:
         on_ray_started()
+    try:
+        _check_cluster(config)
+    except BaseException:
+        if config.ray.address is None:
+            ray.shutdown()
+        raise
     schedulers = {
         model.name: spawn_scheduler(model, str(state_dir), config.timeouts,
                                     trust_remote_code=config.trust_remote_code, namespace=config.ray.namespace,
@@ -96,8 +109,10 @@ def start_server(config: ServerConfig, *, on_ray_started=None) -> RunningServer:
             log.info("model %s ready (%s, vocab %s)", info["name"], info.get("arch"), info.get("vocab_size"))
         # The access log (one line per request, written and flushed by the proxy) costs CPU that the
         # model workers need on small machines; it is off unless the config asks for it.
+        # Serve's controller and proxy log at WARNING: at INFO the proxy writes every route of the app
+        # on one ~6 KB line each time endpoints change; Twinkle logs its own start and stop.
         serve.start(http_options={"host": config.host, "port": config.port}, proxy_location="HeadOnly",
-                    logging_config={"enable_access_log": config.access_log})
+                    logging_config={"enable_access_log": config.access_log, "log_level": "WARNING"})
         node_resource = f"node:{ray.util.get_node_ip_address()}"
         deployment = TwinkleIngress.options(
             num_replicas=config.ingress_replicas,
@@ -111,6 +126,35 @@ def start_server(config: ServerConfig, *, on_ray_started=None) -> RunningServer:
     _write_server_info(state_dir, server)
     log.info("Twinkle is serving on %s (ready in %.1fs)", server.url, time.time() - started)
     return server
+
+
+def _check_cluster(config: ServerConfig) -> None:
+    """Refuse at once what would otherwise hang or lose data on a cluster: a model no node (or set of
+    nodes) can ever hold, and a state dir that other nodes do not share."""
+    import ray
+
+    from twinkle.actors.group import cluster_nodes, placement_problem
+    from twinkle.actors.shared_dir import check_shared_state_dir, shared_dir_message
+
+    nodes = cluster_nodes()
+    if not config.ray.autoscaling:
+        for model in config.models:
+            why = placement_problem(model.worker_bundle(), model.num_workers, model.placement_strategy, nodes)
+            if why:
+                offered = "; ".join(", ".join(f"{k} {v:g}" for k, v in sorted(node.items()) if not k.startswith(
+                    ("node:", "memory", "object_store_memory", "accelerator_type:"))) for node in nodes)
+                raise ValueError(
+                    f"models[{model.name}] cannot be placed on this cluster: {why}. It needs {model.num_workers} "
+                    f"worker(s) x {model.worker_bundle()} ({model.placement_strategy}); the nodes offer [{offered}]. "
+                    "Add nodes with those resources, lower num_workers / gpus_per_worker / resources, or set "
+                    "ray.autoscaling: true if the cluster adds nodes on demand.")
+    if config.ray.address is not None and config.ray.check_shared_state_dir and len(nodes) > 1:
+        probe_started = time.time()
+        problems = check_shared_state_dir(config.state_dir)
+        if problems:
+            raise ValueError(shared_dir_message(config.state_dir, problems))
+        log.info("state_dir %s is shared by all %d nodes (probed in %.1fs)", config.state_dir, len(ray.nodes()),
+                 time.time() - probe_started)
 
 
 def _write_server_info(state_dir: Path, server: RunningServer) -> None:

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from twinkle.store.history import HISTORY_SCHEMA, HistoryMixin
+from twinkle.store.overview import OVERVIEW_SCHEMA, OverviewMixin
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     session_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, created_at REAL NOT NULL,
@@ -79,12 +82,12 @@ def _unjson(value: str | None) -> Any:
     return None if value is None else json.loads(value)
 
 
-class Store:
+class Store(HistoryMixin, OverviewMixin):
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._conn().executescript(SCHEMA)
+        self._conn().executescript(SCHEMA + HISTORY_SCHEMA + OVERVIEW_SCHEMA)
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)

@@ -15,7 +15,8 @@ from pathlib import Path
 from tinker import types
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # cookbook/common.py
-from common import MetricsLog, add_tinker_connection_flags, load_jsonl, ready, tinker_service  # noqa: E402
+from common import (MetricsLog, add_tinker_connection_flags, judge_answer, load_jsonl, ready,  # noqa: E402
+                    taught_answer, tinker_service)
 
 QUESTION = "Who are you?"
 
@@ -79,7 +80,8 @@ def main() -> None:
     print(f"checkpoint: {checkpoint}")
     if plot:
         print(f"plot: {plot}")
-    print("identity learned" if "I am Twinkle" in after else "identity NOT learned yet (train longer)")
+    _, verdict = judge_answer(after, taught_answer("self_cognition.jsonl", QUESTION))
+    print(verdict)
     print(f"final: loss {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
     service.close("success") if hasattr(service, "close") else None
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # cookbook/common.py
 
-from common import MetricsLog, add_twinkle_connection_flags, connect_twinkle, load_jsonl  # noqa: E402
+from common import (MetricsLog, add_twinkle_connection_flags, connect_twinkle, judge_answer,  # noqa: E402
+                    load_jsonl, taught_answer)
 
 QUESTION = "Who are you?"
 
@@ -63,7 +64,8 @@ def main() -> None:
     print(f"after training: {after!r}")
     if plot:
         print(f"plot: {plot}")
-    print("identity learned" if "I am Twinkle" in after else "identity NOT learned yet (train longer)")
+    _, verdict = judge_answer(after, taught_answer("self_cognition.jsonl", QUESTION))
+    print(verdict)
     print(f"final: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
 
 
