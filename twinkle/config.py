@@ -155,6 +155,8 @@ class TimeoutsConfig(_Strict):
     autosave_s: float = Field(300.0, ge=0, description="save a training model's full state after its first step "
                               "and then this often, so a worker crash loses at most this much work (0: never)")
     result_ttl_s: float = Field(86400.0, gt=0, description="keep finished results this long")
+    progress_log_s: float = Field(15.0, ge=0, description="while a model has work, log one progress line (passes, "
+                                  "tokens/s, queue) this often (0: never)")
     sweep_interval_s: float = Field(10.0, gt=0)
 
 

@@ -3,28 +3,17 @@
 An operator watching `twinkle serve` sees that training is moving (passes, tokens per second, queue
 depth) without turning on the access log; an idle model writes nothing. The figures come from the
 scheduler's own `stats()`, read on its event loop, so this adds no locks and no work per request.
-`TWINKLE_PROGRESS_S` sets the interval in seconds (default 15; 0 turns the line off).
+`timeouts.progress_log_s` in the server config sets the interval (default 15 s; 0 turns it off).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 
 log = logging.getLogger("twinkle.progress")
-DEFAULT_INTERVAL_S = 15.0
-INTERVAL_ENV = "TWINKLE_PROGRESS_S"
-
-
-def interval_from_env() -> float:
-    """The configured interval; a malformed value falls back to the default rather than failing a start."""
-    try:
-        return max(0.0, float(os.environ.get(INTERVAL_ENV, DEFAULT_INTERVAL_S)))
-    except ValueError:
-        return DEFAULT_INTERVAL_S
 
 
 class ProgressLine:
@@ -60,9 +49,9 @@ def _totals(stats: dict) -> dict[str, int]:
             "sample_tokens": int(tokens.get("sample") or 0)}
 
 
-async def report_progress(name: str, stats: Callable[[], Awaitable[dict]], interval_s: float | None = None) -> None:
+async def report_progress(name: str, stats: Callable[[], Awaitable[dict]], interval_s: float) -> None:
     """Run forever (cancel to stop): every interval, log one line if the model worked or has a queue."""
-    interval = interval_from_env() if interval_s is None else interval_s
+    interval = interval_s
     if interval <= 0:
         return
     line = ProgressLine(name)

@@ -101,7 +101,8 @@ class ModelScheduler:
             self._ordering = SeqOrdering(self.timeouts.seq_gap_s, self._release)
             self._tasks = [loop.create_task(self._train.run_forever()), loop.create_task(self._sample.run_forever()),
                            loop.create_task(self._sweep_loop()),
-                           loop.create_task(report_progress(self.model.name, lambda: self.stats(operator=True)))]
+                           loop.create_task(report_progress(self.model.name, lambda: self.stats(operator=True),
+                                                            self.timeouts.progress_log_s))]
             await loop.run_in_executor(self._threads["train"], self._make_service)
             await loop.run_in_executor(None, self.store.fail_pending_futures, self.model.name, {
                 "error": "the server restarted before this request ran; send it again", "category": "server",
