@@ -164,10 +164,21 @@ class RayConfig(_Strict):
     address: str | None = Field(None, description="None: start an embedded Ray; 'auto' or ray://... to join")
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of an embedded Ray")
     namespace: str = "twinkle"
+    client_server_port: int | None = Field(None, ge=1024, le=65535, description="open a Ray-client port "
+                                           "(ray://127.0.0.1:PORT, loopback only: the Ray client has no keys) on "
+                                           "the embedded Ray, for Twinkle's Ray mode; on a cluster the head opens "
+                                           "it (ray start --head --ray-client-server-port)")
     autoscaling: bool = Field(False, description="the cluster adds nodes on demand (ray up / KubeRay autoscaler): "
                               "a model the present nodes cannot hold waits for new nodes instead of failing at start")
     check_shared_state_dir: bool = Field(True, description="on a multi-node cluster, refuse to start unless every "
                                          "node sees state_dir (a probe file written on each node is read here)")
+
+    @model_validator(mode="after")
+    def _client_port_on_embedded_ray(self) -> "RayConfig":
+        if self.client_server_port is not None and self.address is not None:
+            raise ValueError("ray.client_server_port opens a port on the Ray this server starts; a joined cluster's "
+                             "head opens its own (ray start --head --ray-client-server-port=10001): remove one")
+        return self
 
 
 class ServerConfig(_Strict):

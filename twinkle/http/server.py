@@ -22,6 +22,7 @@ class RunningServer:
         self.config = config
         self.schedulers = schedulers
         self.embedded_ray = embedded_ray
+        self.ray_client_server = None  # the child process serving ray.client_server_port, if opened
 
     @property
     def url(self) -> str:
@@ -31,7 +32,10 @@ class RunningServer:
         import ray
         from ray import serve
 
+        from twinkle.actors.ray_client_port import close_client_port
+
         log.info("stopping Twinkle")
+        close_client_port(self.ray_client_server)
         if self.embedded_ray:  # everything runs in the Ray this process started: stopping it stops all
             self._save_models()
             ray.shutdown()
@@ -120,6 +124,10 @@ def start_server(config: ServerConfig, *, on_ray_started=None) -> RunningServer:
             logging_config={"enable_access_log": config.access_log},
         )
         serve.run(deployment.bind(config.model_dump()), name=APP_NAME, route_prefix="/")
+        if config.ray.client_server_port is not None:
+            from twinkle.actors.ray_client_port import open_client_port
+
+            server.ray_client_server = open_client_port(config.ray.client_server_port)
     except BaseException:
         server.stop()
         raise
@@ -164,7 +172,9 @@ def _write_server_info(state_dir: Path, server: RunningServer) -> None:
 
     import ray
 
+    client_port = server.config.ray.client_server_port
     info = {"url": server.url, "ray_address": ray.get_runtime_context().gcs_address,
+            "ray_client_address": f"ray://127.0.0.1:{client_port}" if client_port else None,
             "namespace": server.config.ray.namespace, "pid": os.getpid(),
             "models": [m.name for m in server.config.models]}
     (state_dir / "server.json").write_text(json.dumps(info, indent=2))
