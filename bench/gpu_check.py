@@ -2,6 +2,13 @@
 
     .venv/bin/python -m bench.gpu_check                 # CUDA if this machine has a GPU, else CPU
     .venv/bin/python -m bench.gpu_check --require-gpu --dtype bfloat16
+    TWINKLE_VLLM_PYTHON=/path/to/venv-vllm/bin/python .venv/bin/python -m bench.gpu_check --require-gpu --vllm
+
+With `--vllm` the model samples with a vLLM sampler worker (on its own GPU when there are two or
+more; the GPU `vllm` wheel in the environment $TWINKLE_VLLM_PYTHON names, see clusters/README.md;
+without it `.venv-vllm` from `make vllm-venv`), and an importance-sampling step on the sampled
+tokens must give loss -sum(advantages) (ratio 1: sampler and trainer agree). Run it with and
+without `--vllm` to compare sampling tokens/s.
 
 It starts `twinkle serve` for `twinkle-tiny` (on a GPU when there is one: `gpus_per_worker: 1`,
 `device: auto`), trains several tenants' adapters at once through the unmodified Tinker SDK, samples
@@ -70,7 +77,15 @@ def _check_sampling(client, max_tokens: int) -> dict:
     forward = client.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
     gap = float(np.abs(forward[len(prompt) - 1:] - np.asarray(sequence.logprobs)).max())
     sampled = sum(len(s.tokens) for s in result.sequences)
-    return {"sample_tokens_per_s": sampled / seconds, "sample_logprob_max_gap": gap}
+    q = np.zeros(len(tokens) - 1, dtype=np.float32)
+    q[len(prompt) - 1:] = sequence.logprobs
+    advantages = np.zeros_like(q)
+    advantages[len(prompt) - 1:] = 1.0
+    rl = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                     loss_fn_inputs={"target_tokens": tokens[1:], "logprobs": q, "advantages": advantages})
+    loss = float(client.forward([rl], "importance_sampling").result().metrics["loss:sum"])
+    return {"sample_tokens_per_s": sampled / seconds, "sample_logprob_max_gap": gap,
+            "importance_ratio_gap": abs(loss + float(advantages.sum())) / float(advantages.sum())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--require-gpu", action="store_true", help="fail unless the worker ran on CUDA")
+    parser.add_argument("--vllm", action="store_true", help="sample with a vLLM sampler worker")
     args = parser.parse_args(argv)
 
     import tinker
@@ -88,8 +104,14 @@ def main(argv: list[str] | None = None) -> int:
 
     gpus = torch.cuda.device_count()
     model = {"name": BASE, "device": "auto", "dtype": args.dtype, "gpus_per_worker": 1 if gpus else 0}
+    if args.vllm:  # a GPU of its own when there are two; else it shares the trainer's (a fraction each)
+        share = 1 if gpus >= 2 else (0.5 if gpus else 0)
+        model.update(gpus_per_worker=share, max_lora_rank=16)
+        model["sampler"] = {"backend": "vllm", "num_workers": 1, "gpus_per_worker": share,
+                            "gpu_memory_utilization": 0.3, "max_model_len": 1024, "max_loras": 4}
     with tempfile.TemporaryDirectory(prefix="twinkle-gpu-check-") as work:
-        server = start_dev_server(work, config={"models": [model]}, keys={"check": KEY})
+        config = {"models": [model], **({"ray": {"num_cpus": 8}} if args.vllm else {})}  # slots for both groups
+        server = start_dev_server(work, config=config, keys={"check": KEY}, timeout_s=900 if args.vllm else 240)
         try:
             service = tinker.ServiceClient(base_url=server.url, api_key=KEY)
             runs: dict = {}
@@ -120,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         "mean_requests_per_pass": round(status["train_pass_requests"] / max(1, status["train_passes"]), 2),
         "sample_tokens_per_s": round(sampling["sample_tokens_per_s"], 1),
         "sample_logprob_max_gap": sampling["sample_logprob_max_gap"],
+        "sampler": "vllm" if args.vllm else "transformers",
+        "importance_ratio_gap": sampling["importance_ratio_gap"],
     }
     print("gpu_check: " + json.dumps(figures))
     problems = []
@@ -128,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(f"a tenant's loss did not fall by 20% (last/first per tenant: {fell})")
     if sampling["sample_logprob_max_gap"] > (5e-2 if args.dtype == "bfloat16" else 1e-3):
         problems.append("sampled-token logprobs disagree with the trainer's")
+    if sampling["importance_ratio_gap"] > (5e-2 if args.dtype == "bfloat16" else 1e-3):
+        problems.append("importance sampling at ratio 1 did not give -sum(advantages)")
     if args.require_gpu and not str(figures["device"]).startswith("cuda"):
         problems.append(f"the worker ran on {figures['device']}, not CUDA")
     for problem in problems:

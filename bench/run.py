@@ -83,7 +83,32 @@ def multitenant(state_dir: str) -> dict:
     return result
 
 
-BENCHMARKS = {"baseline": baseline, "rpc_overhead": rpc_overhead, "multitenant": multitenant}
+def sampling(state_dir: str) -> dict:
+    """vLLM sampler vs transformers sampler, side by side (needs `make vllm-venv`)."""
+    from bench.sampling import run
+
+    started = time.perf_counter()
+    result = run(state_dir)
+    result["wall_s"] = time.perf_counter() - started
+    result["env"] = environment()
+    write("sampling", result)
+    return result
+
+
+def megatron(state_dir: str) -> dict:
+    """Megatron backend step time at TP=1 and TP=2 vs the transformers backend (bench/megatron.py)."""
+    from bench.megatron import run
+
+    started = time.perf_counter()
+    result = run(state_dir)
+    result["wall_s"] = time.perf_counter() - started
+    result["env"] = environment()
+    write("megatron", result)
+    return result
+
+
+BENCHMARKS = {"baseline": baseline, "rpc_overhead": rpc_overhead, "multitenant": multitenant, "sampling": sampling,
+              "megatron": megatron}
 
 
 def main(argv: list[str]) -> None:

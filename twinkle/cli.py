@@ -40,7 +40,11 @@ def _check_config(args: argparse.Namespace) -> int:
     except ValueError as exc:  # valid, but needs a backend this build does not have yet
         print(f"{args.file}: note: this build cannot run it yet: {exc}")
     keys = config.resolved_keys()
-    models = ", ".join(f"{m.name} ({m.backend}, {m.num_workers} worker(s); {s.describe()})"
+    def layout(m) -> str:
+        ranks = f" of TP={m.parallelism.tensor_parallel}: {m.placement()[0]} rank(s)" if m.backend == "megatron" else ""
+        return f"{m.num_workers} worker(s){ranks}"
+
+    models = ", ".join(f"{m.name} ({m.backend}, {layout(m)}; {s.describe()})"
                        for m, s in zip(config.models, sources))
     access = f"{len(keys)} tenant key(s)" if keys else "no API keys (open to anyone on loopback)"
     print(f"{args.file}: OK — serves {models} on {config.host}:{config.port}, {access}")

@@ -28,8 +28,27 @@ class SamplerConfig(_Strict):
     backend: Literal["transformers", "vllm"] = "transformers"
     num_workers: int = Field(0, ge=0, description="0 = sample on the training workers")
     gpus_per_worker: float = Field(0.0, ge=0)
-    max_loaded_adapters: int = Field(8, ge=1)
+    max_loaded_adapters: int = Field(8, ge=1, description="sampler weights kept loaded (least recently used "
+                                     "beyond this are unloaded)")
     engine_args: dict = Field(default_factory=dict, description="passed to vLLM when backend is vllm")
+    # vLLM's knobs (backend: vllm); the workers run in the vLLM environment (make vllm-venv, $TWINKLE_VLLM_PYTHON)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_loras: int = Field(4, ge=1, description="vllm: adapters in one engine step (its batch mixes this many)")
+    max_lora_rank: int | None = Field(None, description="vllm: one of 1, 8, 16, 32, 64, 128, 256, 320, 512; "
+                                      "default: the smallest that holds the model's max_lora_rank")
+    max_model_len: int | None = Field(None, ge=16, description="vllm: default the model's context length")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine (set gpus_per_worker to match)")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: fraction of each GPU it takes")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="vllm: default the model's")
+    cpu_kv_cache_gb: int = Field(1, ge=1, description="vllm on CPU hosts: GiB of KV cache per worker")
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _vllm_rank(cls, rank: int | None) -> int | None:
+        allowed = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+        if rank is not None and rank not in allowed:
+            raise ValueError(f"vLLM accepts max_lora_rank in {allowed}, got {rank}")
+        return rank
 
 
 class ParallelismConfig(_Strict):
@@ -90,6 +109,24 @@ class ModelConfig(_Strict):
             bundle["GPU"] = self.gpus_per_worker
         return bundle
 
+    def placement(self) -> tuple[int, dict[str, float]]:
+        """(bundles, one bundle) of the model's actor group. A megatron model places one bundle per
+        rank: num_workers data-parallel replicas x TP x PP ranks, each rank an equal share of its
+        replica's cpus_per_worker / gpus_per_worker (one GPU per rank on GPU machines)."""
+        if self.backend != "megatron":
+            return self.num_workers, self.worker_bundle()
+        per = self.parallelism.tensor_parallel * self.parallelism.pipeline_parallel
+        bundle = {k: (v / per if k in ("CPU", "GPU") else v) for k, v in self.worker_bundle().items()}
+        return self.num_workers * per, bundle
+
+    @model_validator(mode="after")
+    def _megatron_layout(self) -> "ModelConfig":
+        per = self.parallelism.tensor_parallel * self.parallelism.pipeline_parallel
+        if self.backend == "megatron" and self.gpus_per_worker and self.gpus_per_worker != per:
+            raise ValueError(f"backend megatron: gpus_per_worker ({self.gpus_per_worker:g}) are one data-parallel "
+                             f"replica's GPUs, one per rank: set it to tensor_parallel x pipeline_parallel = {per}")
+        return self
+
     @property
     def source(self) -> str:
         return self.path or self.name
@@ -144,6 +181,11 @@ class LimitsConfig(_Strict):
                                      "request once decoded, sparse tensors counted densely (each takes 4-8 bytes); "
                                      "declared shapes are checked against it before anything is allocated")
     max_json_depth: int = Field(64, ge=8, le=512, description="nesting depth of a JSON or msgpack request body")
+    max_images_per_request: int = Field(64, ge=1, description="images in all the datums or the prompt of a request")
+    max_image_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="encoded size of one image")
+    max_image_pixels: int = Field(16 * 1024 * 1024, ge=1, description="width x height of one image as declared "
+                                  "in its header, checked before it is decoded (the model's image processor then "
+                                  "resizes it to its own pixel budget)")
 
 
 class TimeoutsConfig(_Strict):
@@ -188,7 +230,9 @@ class ServerConfig(_Strict):
     trust_remote_code: bool = Field(False, description="allow clients' pickled custom losses")
     ingress_replicas: int = Field(1, ge=1)
     access_log: bool = Field(False, description="log every HTTP request (costs CPU per request)")
-    models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig(name="twinkle-tiny")])
+    # the embedded text model, and the embedded vision-language model loaded on first use (start stays fast)
+    models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig(name="twinkle-tiny"),
+                                                               ModelConfig(name="twinkle-tiny-vl", preload=False)])
     auth: AuthConfig = Field(default_factory=AuthConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     quotas: QuotasConfig = Field(default_factory=QuotasConfig)
@@ -235,12 +279,13 @@ class ServerConfig(_Strict):
         """Refuse, with the field named, options this build validates but cannot run yet."""
         for model in self.models:
             where = f"models[{model.name}]"
-            if model.backend != "transformers":
-                raise ValueError(f"{where}.backend: the {model.backend} backend is not part of this build yet; "
-                                 "use backend: transformers")
-            if model.sampler.backend != "transformers" or model.sampler.num_workers:
-                raise ValueError(f"{where}.sampler: separate {model.sampler.backend} sampler workers are not part of "
-                                 "this build yet; sampling runs on the training workers (sampler.num_workers: 0)")
+            if model.backend == "megatron":
+                _check_megatron_runnable(model, where)
+            if model.sampler.backend == "vllm":
+                _check_vllm_runnable(model, where)
+            elif model.sampler.num_workers:
+                raise ValueError(f"{where}.sampler: separate transformers sampler workers are not part of this build "
+                                 "yet; sample on the training workers (sampler.num_workers: 0) or use backend: vllm")
 
     def check_secure(self) -> None:
         """Refuse to listen beyond loopback without keys, or with an operator key a tenant also holds."""
@@ -248,6 +293,39 @@ class ServerConfig(_Strict):
         if not self.is_loopback and not self.resolved_keys():
             raise ValueError(f"host {self.host!r} is reachable beyond this machine: configure API keys "
                              f"(auth.api_keys or ${API_KEYS_ENV}) or listen on 127.0.0.1")
+
+
+def _check_megatron_runnable(model: ModelConfig, where: str) -> None:
+    """This build's megatron backend runs tensor parallelism on one replica (no PP, DP, CP, EP, SP)."""
+    par = model.parallelism
+    if par.pipeline_parallel != 1:
+        raise ValueError(f"{where}.parallelism.pipeline_parallel: the megatron backend runs pipeline_parallel: 1 "
+                         "only in this build; use tensor_parallel for the layout")
+    if model.num_workers != 1:
+        raise ValueError(f"{where}.num_workers: the megatron backend runs one replica (num_workers: 1) in this "
+                         "build; data-parallel megatron replicas are not supported yet")
+    for name in ("context_parallel", "expert_parallel"):
+        if getattr(par, name) != 1:
+            raise ValueError(f"{where}.parallelism.{name}: not supported by the megatron backend yet; set it to 1")
+    if par.sequence_parallel:
+        raise ValueError(f"{where}.parallelism.sequence_parallel: not supported by the megatron backend yet; "
+                         "set it to false")
+
+
+def _check_vllm_runnable(model: ModelConfig, where: str) -> None:
+    """vLLM samples in workers of its own (never on the training workers), one engine per worker."""
+    sampler = model.sampler
+    if not sampler.num_workers:
+        raise ValueError(f"{where}.sampler.num_workers: sampler backend vllm runs in workers of its own; "
+                         "set num_workers to 1 or more")
+    if sampler.gpus_per_worker and sampler.gpus_per_worker < sampler.tensor_parallel_size:
+        raise ValueError(f"{where}.sampler.gpus_per_worker: an engine with tensor_parallel_size "
+                         f"{sampler.tensor_parallel_size} needs that many GPUs; set gpus_per_worker to it")
+    rank = sampler.max_lora_rank
+    if rank is not None and rank < model.max_lora_rank:
+        raise ValueError(f"{where}.sampler.max_lora_rank ({rank}) is below the model's max_lora_rank "
+                         f"({model.max_lora_rank}): adapters of that rank could not be sampled; raise it or lower "
+                         "max_lora_rank")
 
 
 def refuse_shared_keys(keys: dict[str, str], where: str) -> None:

@@ -58,10 +58,15 @@ def load_tokenizer(path: str):
 
 
 def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu"):
-    """Load a causal LM for LoRA training: frozen weights, eval mode (no dropout)."""
-    from transformers import AutoModelForCausalLM
+    """Load a causal LM for LoRA training: frozen weights, eval mode (no dropout).
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+    A vision-language model (its config has a `vision_config`) loads whole, vision tower included,
+    as the image-text-to-text model that transformers maps its architecture to."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(path)
+    loader = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    model = loader.from_pretrained(path, dtype=torch_dtype(dtype))
     model.to(device)
     model.eval()
     for param in model.parameters():

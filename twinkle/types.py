@@ -106,15 +106,31 @@ class LRSchedule(_Model):
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * shape
 
 
+class ImagePart(_Model):
+    """An image inside a token sequence: `tokens` image placeholder tokens start at `position`.
+
+    The placeholders stand in `input_tokens` (the model's image token id) so that every loss input
+    lines up with the sequence as the model sees it; the worker decodes `data` and checks that its
+    image processor gives exactly `tokens` tokens (see twinkle/vision.py)."""
+
+    position: int = Field(ge=0)
+    tokens: int = Field(ge=0, description="0: not counted yet (the server counts it for the model)")
+    data: bytes
+    format: Literal["png", "jpeg"]
+    chunk: int | None = None  # its index among the request's chunks, to name it in errors
+
+
 class Datum(_Model):
     """One training example: the input tokens and the per-token inputs of the loss.
 
     Position i of `input_tokens` predicts `loss_inputs["target_tokens"][i]`. Every loss input has
-    leading dimension len(input_tokens) (or shape (N, K) for top-K targets and weights).
+    leading dimension len(input_tokens) (or shape (N, K) for top-K targets and weights). `images`
+    (vision-language models) say which runs of `input_tokens` are image placeholders.
     """
 
     input_tokens: Array
     loss_inputs: dict[str, Array] = Field(default_factory=dict)
+    images: list[ImagePart] = Field(default_factory=list)
 
     @classmethod
     def from_sequence(cls, tokens: list[int], weights: list[float] | None = None) -> "Datum":

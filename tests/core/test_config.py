@@ -24,10 +24,27 @@ def test_shipped_transformer_config_runs_here():
     assert config.models[0].name == "twinkle-tiny"
 
 
-def test_megatron_configs_are_refused_at_start_with_a_clear_reason():
-    config = load_config(next(p for p in CONFIGS if p.parent.name == "megatron"))
-    with pytest.raises(ValueError, match="backend"):
-        config.check_runnable()
+def test_shipped_megatron_config_runs_and_places_one_bundle_per_rank():
+    config = load_config(next(p for p in CONFIGS if p.parent.name == "megatron" and p.name == "server_config.yaml"))
+    config.check_runnable()
+    model = config.models[0]
+    assert model.backend == "megatron" and model.placement() == (2, {"CPU": 0.5})
+
+
+def test_megatron_layouts_this_build_cannot_run_are_refused_naming_the_field():
+    def megatron(**fields):
+        return load_config(None, models=[{"name": "twinkle-tiny", "backend": "megatron", **fields}])
+
+    with pytest.raises(ValueError, match=r"parallelism.pipeline_parallel: .*pipeline_parallel: 1"):
+        megatron(parallelism={"tensor_parallel": 2, "pipeline_parallel": 2}).check_runnable()
+    with pytest.raises(ValueError, match=r"num_workers: .*one replica"):
+        megatron(num_workers=2).check_runnable()
+    with pytest.raises(ValueError, match="sequence_parallel"):
+        megatron(parallelism={"sequence_parallel": True}).check_runnable()
+    with pytest.raises(ValidationError, match=r"gpus_per_worker \(4\).*tensor_parallel x pipeline_parallel = 2"):
+        megatron(gpus_per_worker=4, parallelism={"tensor_parallel": 2})
+    assert megatron(gpus_per_worker=2, parallelism={"tensor_parallel": 2}).models[0].placement() == (
+        2, {"CPU": 0.5, "GPU": 1.0})
 
 
 def test_typos_and_bad_values_are_errors(tmp_path):

@@ -274,7 +274,7 @@ SDK_CASES = {
     "inf-advantages": (_fb([_rl(advantages=[1.0] * (N - 1) + [float("-inf")])], "ppo"), 400, "advantages"),
     "nan-logprobs": (_fb([_rl(logprobs=[float("nan")] * N)], "importance_sampling"), 400, "logprobs"),
     # inputs a text model cannot take
-    "image-chunk": (_fb([_image_datum()]), 422, "model_input"),
+    "image-chunk": (_fb([_image_datum()]), 400, "model_input"),  # 400 naming the chunk: a text-only model
     # checkpoint names
     "save-state-dotdot": (lambda c: c.save_state("../x").result(), 400, "path"),
     "save-state-slash": (lambda c: c.save_state("a/b").result(), 400, "path"),

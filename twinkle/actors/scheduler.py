@@ -129,12 +129,15 @@ class ModelScheduler:
         from transformers import AutoConfig
 
         from twinkle.modeling import resolve_model_path
+        from twinkle.vision import vision_facts
 
         path = resolve_model_path(self.model.source, str(self.state_dir))
         cfg = AutoConfig.from_pretrained(path)
-        return {"base_model": self.model.source, "model_path": path, "vocab_size": int(cfg.vocab_size),
-                "max_context": int(getattr(cfg, "max_position_embeddings", 2048)),
-                "arch": (cfg.architectures or ["?"])[0], "max_lora_rank": self.model.max_lora_rank}
+        text = cfg.get_text_config()  # a vision-language model's language half
+        return {"base_model": self.model.source, "model_path": path, "vocab_size": int(text.vocab_size),
+                "max_context": int(getattr(text, "max_position_embeddings", 2048)),
+                "arch": (cfg.architectures or ["?"])[0], "max_lora_rank": self.model.max_lora_rank,
+                "vision": vision_facts(path)}
 
     def _make_service(self) -> None:
         from twinkle.api.service import ModelService

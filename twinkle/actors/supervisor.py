@@ -40,6 +40,7 @@ class WorkerSupervisor:
         self._lost: tuple[object, dict[str, str]] = (None, {})  # the last group lost, and what its models were told
         self._lock = threading.Lock()
         self._users = 0
+        self.sampler = None  # the model's own sampler workers (sampler.backend vllm), beside the training group
 
     @property
     def running(self) -> bool:
@@ -74,17 +75,34 @@ class WorkerSupervisor:
         config = BackendConfig(
             base_model=cfg.source, backend=cfg.backend, state_dir=self.state_dir, dtype=cfg.dtype,
             device=cfg.device, max_lora_rank=cfg.max_lora_rank,
-            max_adapters=cfg.max_adapters + cfg.sampler.max_loaded_adapters,
+            max_adapters=cfg.max_adapters + (0 if cfg.sampler.backend == "vllm" else cfg.sampler.max_loaded_adapters),
             micro_batch_tokens=cfg.micro_batch_tokens, num_threads=cfg.num_threads)
         started = time.time()
-        self.group = ActorGroup(BackendWorker, cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
-                                gpus_per_worker=cfg.gpus_per_worker, strategy=cfg.placement_strategy,
-                                resources=cfg.resources,
-                                init_kwargs={"config": config}, max_concurrency=ACTOR_CONCURRENCY)
-        backend = RayBackend(self.group)
+        if cfg.backend == "megatron":  # one actor per rank, in megatron-core's own virtualenv
+            from twinkle.actors.megatron_group import start_megatron_group
+
+            count, bundle = cfg.placement()
+            backend = start_megatron_group(
+                config, tensor_parallel=cfg.parallelism.tensor_parallel,
+                pipeline_parallel=cfg.parallelism.pipeline_parallel, data_parallel=cfg.num_workers,
+                cpus_per_rank=bundle["CPU"], gpus_per_rank=bundle.get("GPU", 0.0), strategy=cfg.placement_strategy,
+                resources=cfg.resources)
+            self.group = backend.group
+        else:
+            self.group = ActorGroup(BackendWorker, cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
+                                    gpus_per_worker=cfg.gpus_per_worker, strategy=cfg.placement_strategy,
+                                    resources=cfg.resources,
+                                    init_kwargs={"config": config}, max_concurrency=ACTOR_CONCURRENCY)
+            backend = RayBackend(self.group)
         if cfg.max_context_length:
             backend._info["max_context"] = cfg.max_context_length
-        self.service.attach_backend(backend)
+        try:
+            sampler = self._ensure_sampler(backend.info())
+        except BaseException:
+            backend.shutdown()
+            self.group = None
+            raise
+        self.service.attach_backend(backend, sampler)
         asyncio.run_coroutine_threadsafe(recovery.watch_group(self.group, self.on_loss), self.loop)
         log.info("%s: %d worker(s) ready in %.1fs", cfg.name, cfg.num_workers, time.time() - started)
 
@@ -110,6 +128,44 @@ class WorkerSupervisor:
         self.rebuild_on.submit(self._rebuild)
         return notes
 
+    def _ensure_sampler(self, info: dict):
+        """The vLLM sampler workers (started once; they outlive a restart of the training workers)."""
+        if self.model.sampler.backend != "vllm" or self.sampler is not None:
+            return self.sampler
+        from twinkle.actors.vllm_group import start_vllm_sampler
+
+        started = time.time()
+        self.sampler = start_vllm_sampler(self.model, info)
+        asyncio.run_coroutine_threadsafe(recovery.watch_group(self.sampler.group, self._on_sampler_loss), self.loop)
+        log.info("%s: %d vLLM sampler worker(s) ready in %.1fs", self.model.name, self.model.sampler.num_workers,
+                 time.time() - started)
+        return self.sampler
+
+    def _on_sampler_loss(self, group, exc: BaseException) -> None:
+        """A sampler worker died: training state is untouched; new sampler workers start at once and
+        load sampler weights again on their next use."""
+        with self._lock:
+            if self.sampler is None or self.sampler.group is not group:  # shut down on purpose
+                return
+            self.sampler = None
+        log.error("%s: a vLLM sampler worker died (%s); starting new ones", self.model.name, type(exc).__name__)
+        group.shutdown()
+        self.rebuild_on.submit(self._restart_sampler)
+
+    def _restart_sampler(self) -> None:
+        with self._lock:
+            if self.service.backend is None:
+                return  # started with the training workers on next use
+            try:
+                self.service.attach_sampler(self._ensure_sampler(self.service.model_info))
+            except Exception:  # sampling keeps answering that the sampler died; the next loss or release retries
+                log.exception("%s: new vLLM sampler workers did not start", self.model.name)
+
+    def _stop_sampler(self) -> None:
+        sampler, self.sampler = self.sampler, None
+        if sampler is not None:
+            sampler.shutdown()
+
     def _rebuild(self) -> None:
         try:
             self.start()
@@ -124,6 +180,7 @@ class WorkerSupervisor:
             backend = self.service.detach_backend()
             backend.shutdown()
             self.group = None
+            self._stop_sampler()
         log.info("%s: released its workers (scale to zero)", self.model.name)
         return True
 
@@ -138,5 +195,6 @@ class WorkerSupervisor:
                 self.service.detach_backend()  # offloads every resident model
             finally:
                 group.shutdown()
+                self._stop_sampler()
         for model_id in resident:
             self.on_status(model_id, "offloaded")

@@ -118,6 +118,13 @@ class ModelService:
             self.model_info = backend.info()
             self._sampler_adapters.clear()
 
+    def attach_sampler(self, sampler: SamplingBackend) -> None:
+        """New sampler workers beside the same training backend (the old ones died): sampler weights
+        load into them again on their next use."""
+        with self._sampler_lock:
+            self.sampler_backend = sampler
+            self._sampler_adapters.clear()
+
     def detach_backend(self) -> TrainingBackend | None:
         """Offload every model and let go of the backend (scale to zero); returns it for shutdown."""
         with self._lock, self._sampler_lock:
@@ -513,7 +520,7 @@ class ModelService:
                     continue
                 args: SampleArgs = work.args
                 requests.append(SampleRequest(work.request_id, adapter, args.prompt_tokens, args.params,
-                                              args.num_samples, **args.scoring()))
+                                              args.num_samples, **args.scoring(), images=list(args.images)))
             sampler = self.sampler_backend
         if requests:
             if sampler is None:

@@ -12,8 +12,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from twinkle.types import (AdamParams, Array, CheckpointInfo, Datum, ForwardResult, LoraConfig, LRSchedule, SampleResult,
-                           SamplingParams, StepResult, TrainState, _Model)
+from twinkle.types import (AdamParams, Array, CheckpointInfo, Datum, ForwardResult, ImagePart, LoraConfig, LRSchedule,
+                           SampleResult, SamplingParams, StepResult, TrainState, _Model)
 
 Target = Literal["service", "model", "sampler"]
 
@@ -102,6 +102,7 @@ class SampleArgs(_Model):
     topk_sample_logprobs: int = Field(0, ge=0)
     target_prompt_logprobs: Array | None = None  # int [len(prompt) - 1, K]; -1 asks for nothing
     prompt_alt_tokens_k: int = Field(0, ge=0)
+    images: list[ImagePart] = Field(default_factory=list)  # image runs of the prompt (vision-language models)
 
     def scoring(self) -> dict:
         """The options besides prompt, params and num_samples, as keyword arguments of Engine.sample."""

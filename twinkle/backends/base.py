@@ -24,7 +24,8 @@ from typing import Any, Literal
 import numpy as np
 
 from twinkle.errors import TwinkleError, error_from_dict
-from twinkle.types import AdamParams, CheckpointInfo, Datum, LoraConfig, LRSchedule, SamplingParams, TrainState
+from twinkle.types import (AdamParams, CheckpointInfo, Datum, ImagePart, LoraConfig, LRSchedule, SamplingParams,
+                           TrainState)
 
 CustomLoss = Callable[..., object]
 BackendName = Literal["transformers", "megatron"]
@@ -83,6 +84,7 @@ class SampleRequest:
     topk_sample_logprobs: int = 0
     target_prompt_logprobs: np.ndarray | None = None
     prompt_alt_tokens_k: int = 0
+    images: list[ImagePart] = field(default_factory=list)  # image runs of the prompt (vision-language models)
 
 
 @dataclass

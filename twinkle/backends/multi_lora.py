@@ -54,6 +54,11 @@ class MultiLoraLinear(nn.Module):
         return active.apply(self.lora_name, x, out)
 
 
+def active_pass() -> LoraPass | None:
+    """The pass the enclosed forward calls run under (layer kinds of other backends read it)."""
+    return _ACTIVE_PASS.get()
+
+
 @contextlib.contextmanager
 def lora_pass(active: LoraPass | None) -> Iterator[LoraPass | None]:
     """Run the enclosed forward calls with `active`'s adapters (None: the bare base model).
@@ -216,6 +221,11 @@ class LoraPass:
             else:
                 segments.append((entry, row, row + 1))
         self._segments = segments
+
+    @property
+    def segments(self) -> list[tuple[int, int, int]]:
+        """(entry, first row, end row) of each run of rows (other layer kinds, e.g. megatron's, read it)."""
+        return list(self._segments)
 
     def weights(self, name: str) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Each entry's (A, B) of layer `name` at its rank (None where it does not adapt the layer).

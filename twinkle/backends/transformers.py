@@ -23,13 +23,15 @@ from twinkle.backends.adapters import AdapterTable
 from twinkle.backends.base import (BackendConfig, ForwardRequest, Outcome, Outcomes, SampleRequest, SamplingBackend,
                                    StepRequest, TrainingBackend)
 from twinkle.backends.multi_lora import LoraBank, LoraPass, PassEntry, lora_pass, wrap_linear_layers
-from twinkle.errors import TwinkleError
+from twinkle.backends.vision import VisionInputs, language_layers
+from twinkle.errors import InvalidInputError, TwinkleError
 from twinkle.losses.custom import call_custom_loss
 from twinkle.losses.functions import LOSS_FUNCTIONS, LossContext
 from twinkle.lora import adaptable_layers
 from twinkle.metrics import merge_metrics
 from twinkle.modeling import load_causal_lm, load_tokenizer, resolve_model_path, vocab_size_of
 from twinkle.sampling import sample_batch
+from twinkle.vision_sampling import sample_with_images
 from twinkle.types import AdamParams, CheckpointInfo, ForwardResult, LoraConfig, LRSchedule, TrainState
 from twinkle.validation import lookup_loss, validate_batch, validate_sampling
 
@@ -51,6 +53,7 @@ class _Planned:
     counts: list[dict] = field(default_factory=list)
     outputs: list = field(default_factory=list)
     error: TwinkleError | None = None
+    pixels: dict = field(default_factory=dict)  # datum index -> (pixel_values, image_grid_thw) of its images
 
 
 def resolve_device(device: str) -> str:
@@ -75,9 +78,12 @@ class TransformersBackend(TrainingBackend, SamplingBackend):
         self.model = load_causal_lm(self.model_path, config.dtype, config.device)
         self.device = self.model.get_input_embeddings().weight.device
         self.vocab_size = vocab_size_of(self.model)
-        self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.max_context = int(getattr(self.model.config.get_text_config(), "max_position_embeddings", 2048))
         self.eos_token_ids = self._eos_ids()
+        self.vision = VisionInputs.maybe(self.model, self.model_path, self.device)
         layer_kinds = adaptable_layers(self.model)
+        if self.vision is not None:
+            layer_kinds = language_layers(layer_kinds)
         shapes = wrap_linear_layers(self.model, sorted(layer_kinds))
         self.bank = LoraBank(shapes, max_slots=config.max_adapters, max_rank=config.max_lora_rank, device=self.device)
         self.table = AdapterTable(self.bank, layer_kinds, model_path=self.model_path, base_model=config.base_model)
@@ -93,7 +99,8 @@ class TransformersBackend(TrainingBackend, SamplingBackend):
         return {"base_model": self.config.base_model, "model_path": self.model_path, "vocab_size": self.vocab_size,
                 "max_context": self.max_context, "eos_token_ids": self.eos_token_ids,
                 "arch": type(self.model).__name__, "max_lora_rank": self.config.max_lora_rank,
-                "device": str(self.device), "dtype": self.config.dtype}
+                "device": str(self.device), "dtype": self.config.dtype,
+                "vision": self.vision.facts if self.vision is not None else None}
 
     def stats(self) -> dict:
         return {"passes": self.passes, "forwards": self.forwards, "resident_adapters": len(self.table.adapters),
@@ -197,11 +204,27 @@ class TransformersBackend(TrainingBackend, SamplingBackend):
         if callable(request.loss):
             validate_batch(request.data, "custom", request.loss_config, self.vocab_size, allow_custom=True,
                            max_context=self.max_context)
-            return _Planned(request, entry, None, dict(request.loss_config or {}), separable=False)
+            return _Planned(request, entry, None, dict(request.loss_config or {}), separable=False,
+                            pixels=self._pixels(request))
         config = validate_batch(request.data, request.loss, request.loss_config, self.vocab_size,
                                 max_context=self.max_context)
         spec = lookup_loss(request.loss)
-        return _Planned(request, entry, spec.name, config, separable=spec.separable)
+        return _Planned(request, entry, spec.name, config, separable=spec.separable, pixels=self._pixels(request))
+
+    def _pixels(self, request: ForwardRequest) -> dict:
+        """Each datum's images, decoded and checked against their placeholder runs (vision models)."""
+        pixels = {}
+        for i, datum in enumerate(request.data):
+            field = f"data[{i}].model_input"
+            if self.vision is None:
+                if datum.images:
+                    raise InvalidInputError(f"{self.config.base_model} is a text-only model and takes no images",
+                                            field=field)
+                continue
+            self.vision.check_placeholders(datum.input_tokens, datum.images, field)
+            if datum.images:
+                pixels[i] = self.vision.encode(datum.images, field)
+        return pixels
 
     def _count_progress(self, request: ForwardRequest) -> None:
         state = self.table.get(request.adapter_id).state
@@ -270,8 +293,9 @@ class TransformersBackend(TrainingBackend, SamplingBackend):
         if not live:
             return
         data = [plan.request.data[i] for plan, idx in live for i in idx]
+        pixels = [plan.pixels.get(i) for plan, idx in live for i in idx]
         active.set_rows([plan.entry for plan, idx in live for _ in idx])
-        logprobs = self._target_logprobs(data)
+        logprobs = self._target_logprobs(data, pixels)
         self.forwards += 1
         total = None
         offset = 0
@@ -300,8 +324,9 @@ class TransformersBackend(TrainingBackend, SamplingBackend):
         loss, (metrics, counts) = LOSS_FUNCTIONS[plan.loss_name](LossContext(logprobs, inputs, plan.config))
         return loss, metrics, counts
 
-    def _target_logprobs(self, data) -> list[torch.Tensor]:
-        """Log-probabilities of each datum's target tokens (rows use the active pass's adapters)."""
+    def _target_logprobs(self, data, pixels: list | None = None) -> list[torch.Tensor]:
+        """Log-probabilities of each datum's target tokens (rows use the active pass's adapters);
+        `pixels[i]`: row i's encoded images, if any."""
         lengths = [len(d.input_tokens) for d in data]
         longest = max(lengths)
         pad = self.tokenizer.pad_token_id or 0
@@ -311,7 +336,9 @@ class TransformersBackend(TrainingBackend, SamplingBackend):
         mask = None
         if min(lengths) != longest:
             mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]).long().to(self.device)
-        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask, use_cache=False).logits.float()
+        ids = ids.to(self.device)
+        extra = self.vision.forward_kwargs(pixels, ids) if self.vision is not None and pixels else {}
+        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits.float()
         out = []
         for i, d in enumerate(data):
             row = logits[i, : lengths[i]]
@@ -336,8 +363,12 @@ class TransformersBackend(TrainingBackend, SamplingBackend):
                                   target_prompt_logprobs=request.target_prompt_logprobs,
                                   prompt_alt_tokens_k=request.prompt_alt_tokens_k)
                 entry = BASE_ENTRY if request.adapter_id is None else self.table.get(request.adapter_id).entry()
+                pixels = self._prompt_pixels(request, prompt)
             except TwinkleError as exc:
                 outcomes[request.request_id] = Outcome.failure(exc)
+                continue
+            if pixels is not None:
+                outcomes[request.request_id] = self._sample_with_images(request, entry, pixels)
                 continue
             entries.append(entry)
             accepted.append(request)
@@ -353,6 +384,28 @@ class TransformersBackend(TrainingBackend, SamplingBackend):
         for request, result in zip(accepted, results):
             outcomes[request.request_id] = Outcome(result)
         return outcomes
+
+    def _prompt_pixels(self, request: SampleRequest, prompt: np.ndarray):
+        """The prompt's encoded images (None: a text prompt), checked like a datum's."""
+        if self.vision is None:
+            if request.images:
+                raise InvalidInputError(f"{self.config.base_model} is a text-only model and takes no images",
+                                        field="prompt")
+            return None
+        self.vision.check_placeholders(prompt, request.images, "prompt")
+        return self.vision.encode(request.images, "prompt") if request.images else None
+
+    def _sample_with_images(self, request: SampleRequest, entry: PassEntry, pixels) -> Outcome:
+        """One image prompt's samples (see twinkle/vision_sampling.py for why it runs alone)."""
+        active = None if entry is BASE_ENTRY else LoraPass(self.bank, [entry])
+        with lora_pass(active):
+            result = sample_with_images(
+                self.model, request, lambda ids: self.vision.forward_kwargs([pixels] * ids.shape[0], ids),
+                eos_token_ids=self.eos_token_ids,
+                decode=lambda toks: self.tokenizer.decode(toks, skip_special_tokens=False),
+                max_context=self.max_context, default_max_tokens=self.config.default_max_tokens,
+                on_rows=active.set_rows if active is not None else None)
+        return Outcome(result)
 
 
 def _loss_inputs(datum, device) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json",
-                   "config.json")
+                   "config.json", "preprocessor_config.json", "processor_config.json")  # + a VL model's image processor
 
 
 def _tokenizer_payload(ctx: ServerContext, base_model: str) -> dict:

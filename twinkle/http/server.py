@@ -147,13 +147,14 @@ def _check_cluster(config: ServerConfig) -> None:
     nodes = cluster_nodes()
     if not config.ray.autoscaling:
         for model in config.models:
-            why = placement_problem(model.worker_bundle(), model.num_workers, model.placement_strategy, nodes)
+            count, bundle = model.placement()
+            why = placement_problem(bundle, count, model.placement_strategy, nodes)
             if why:
                 offered = "; ".join(", ".join(f"{k} {v:g}" for k, v in sorted(node.items()) if not k.startswith(
                     ("node:", "memory", "object_store_memory", "accelerator_type:"))) for node in nodes)
                 raise ValueError(
-                    f"models[{model.name}] cannot be placed on this cluster: {why}. It needs {model.num_workers} "
-                    f"worker(s) x {model.worker_bundle()} ({model.placement_strategy}); the nodes offer [{offered}]. "
+                    f"models[{model.name}] cannot be placed on this cluster: {why}. It needs {count} "
+                    f"worker(s) x {bundle} ({model.placement_strategy}); the nodes offer [{offered}]. "
                     "Add nodes with those resources, lower num_workers / gpus_per_worker / resources, or set "
                     "ray.autoscaling: true if the cluster adds nodes on demand.")
     if config.ray.address is not None and config.ray.check_shared_state_dir and len(nodes) > 1:

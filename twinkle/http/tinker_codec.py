@@ -7,6 +7,8 @@ whole SDK (which pulls in torch). JSON shapes are those of SDK <= 0.24.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import importlib.util
 import math
 import sys
@@ -19,7 +21,8 @@ import numpy as np
 from twinkle.config import LimitsConfig
 from twinkle.errors import InvalidInputError, UnprocessableError
 from twinkle.http.common import body_too_large
-from twinkle.types import Datum
+from twinkle.types import Datum, ImagePart
+from twinkle.vision import FORMATS, PENDING
 from twinkle.validation import check_seq_id
 
 PROTOBUF = "application/x-protobuf"
@@ -157,14 +160,37 @@ def tensor_from_proto(tensor, field: str, *, rows: int | None = None, budget: El
     return _widen(array, tensor.dtype)
 
 
-def _tokens_from_chunks(chunks, field: str) -> np.ndarray:
-    parts = []
-    for chunk in chunks:
+def _image_part(position: int, data: bytes, fmt: str, expected: int | None, field: str, chunk: int) -> ImagePart:
+    """An image chunk as it arrives: its placeholders are filled in once the model is known."""
+    if fmt not in FORMATS:
+        raise InvalidInputError(f"image format {fmt!r} is not supported; send png or jpeg", field=field)
+    if expected is not None and not 1 <= expected <= 1 << 20:
+        raise InvalidInputError(f"expected_tokens must be a positive token count, got {expected}", field=field)
+    return ImagePart(position=position, tokens=expected or 0, data=data, format=fmt, chunk=chunk)
+
+
+def _assemble(parts: list, images: list[ImagePart]) -> tuple[np.ndarray, list[ImagePart]]:
+    return (np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)), images
+
+
+def _tokens_from_chunks(chunks, field: str) -> tuple[np.ndarray, list[ImagePart]]:
+    """A protobuf model input's tokens, with a PENDING run standing in for each image chunk."""
+    parts, images, length = [], [], 0
+    for j, chunk in enumerate(chunks):
         kind = chunk.WhichOneof("chunk")
-        if kind != "encoded_text":
-            raise UnprocessableError(f"{kind} inputs are not supported by this text model", field=field)
-        parts.append(_frombuffer(chunk.encoded_text.tokens, np.int32, field, "encoded_text tokens"))
-    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+        where = f"{field}.chunks[{j}]"
+        if kind == "image":
+            image = chunk.image
+            expected = int(image.expected_tokens) if image.HasField("expected_tokens") else None
+            images.append(_image_part(length, bytes(image.data), image.format, expected, f"{where} (image)", j))
+            parts.append(np.full(expected or 0, PENDING, dtype=np.int64))
+        elif kind == "encoded_text":
+            parts.append(_frombuffer(chunk.encoded_text.tokens, np.int32, field, "encoded_text tokens"))
+        else:
+            raise UnprocessableError(f"{kind} inputs are not supported; send encoded_text or image chunks",
+                                     field=where)
+        length += len(parts[-1])
+    return _assemble(parts, images)
 
 
 def maybe_decompress(body: bytes, content_encoding: str | None, max_bytes: int | None = None) -> bytes:
@@ -216,11 +242,12 @@ def forward_backward_from_proto(request, *, max_elements: int | None = None) -> 
     budget = ElementBudget(max_elements)
     data = []
     for i, datum in enumerate(request.data):
-        tokens = _tokens_from_chunks(datum.model_input, f"data[{i}].model_input")
+        tokens, images = _tokens_from_chunks(datum.model_input, f"data[{i}].model_input")
         budget.take(tokens.size, f"data[{i}].model_input")
-        inputs = {k: tensor_from_proto(v, f"data[{i}].loss_fn_inputs.{k}", rows=len(tokens), budget=budget)
+        rows = None if any(not image.tokens for image in images) else len(tokens)  # counted once the model is known
+        inputs = {k: tensor_from_proto(v, f"data[{i}].loss_fn_inputs.{k}", rows=rows, budget=budget)
                   for k, v in datum.loss_fn_inputs.items()}
-        data.append(Datum(input_tokens=tokens, loss_inputs=inputs))
+        data.append(Datum(input_tokens=tokens, loss_inputs=inputs, images=images))
     return {"model_id": request.model_id, "seq_id": seq_id, "loss_fn": request.loss_fn,
             "loss_fn_config": config or None, "forward_only": bool(request.forward_only), "data": data}
 
@@ -293,16 +320,22 @@ def tensor_from_json(obj: Any, field: str, *, sparse_fill: int | float = 0, rows
     return values.reshape(shape)
 
 
-def tokens_from_json_chunks(model_input: Any, field: str) -> np.ndarray:
+def tokens_from_json_chunks(model_input: Any, field: str) -> tuple[np.ndarray, list[ImagePart]]:
+    """A JSON model input's tokens, with a PENDING run standing in for each image chunk (base64 data)."""
     if not isinstance(model_input, dict) or not isinstance(model_input.get("chunks"), list):
         raise InvalidInputError("expected {chunks: [...]}", field=field)
-    parts = []
+    parts, images, length = [], [], 0
     for j, chunk in enumerate(model_input["chunks"]):
         if not isinstance(chunk, dict):
             raise InvalidInputError("chunks must be objects", field=f"{field}.chunks[{j}]")
         kind = chunk.get("type", "encoded_text")
+        if kind == "image":
+            parts.append(_json_image(chunk, length, images, f"{field}.chunks[{j}] (image)", j))
+            length += len(parts[-1])
+            continue
         if kind != "encoded_text":
-            raise UnprocessableError(f"{kind} inputs are not supported by this text model"[:200], field=field)
+            raise UnprocessableError(f"{kind} inputs are not supported; send encoded_text or image chunks"[:200],
+                                     field=f"{field}.chunks[{j}]")
         tokens = chunk.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
             raise InvalidInputError("tokens must be a list of integers", field=f"{field}.chunks[{j}].tokens")
@@ -311,7 +344,22 @@ def tokens_from_json_chunks(model_input: Any, field: str) -> np.ndarray:
         except OverflowError:
             raise InvalidInputError("holds a token id that does not fit int64 (token ids are below the vocabulary "
                                     "size)", field=f"{field}.chunks[{j}].tokens") from None
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        length += len(parts[-1])
+    return _assemble(parts, images)
+
+
+def _json_image(chunk: dict, position: int, images: list[ImagePart], where: str, index: int) -> np.ndarray:
+    raw, fmt, expected = chunk.get("data"), chunk.get("format"), chunk.get("expected_tokens")
+    if not isinstance(raw, str):
+        raise InvalidInputError("data must be the image's bytes as a base64 string", field=where)
+    if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int)):
+        raise InvalidInputError("expected_tokens must be an integer", field=where)
+    try:
+        data = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInputError("data is not valid base64", field=where) from None
+    images.append(_image_part(position, data, fmt, expected, where, index))
+    return np.full(expected or 0, PENDING, dtype=np.int64)
 
 
 def _optional_str(value: Any, field: str) -> str | None:
@@ -336,14 +384,15 @@ def parse_forward_backward_json(body: dict, key: str, *, max_elements: int | Non
     for i, datum in enumerate(inner["data"]):
         if not isinstance(datum, dict):
             raise InvalidInputError("datums must be objects", field=f"data[{i}]")
-        tokens = tokens_from_json_chunks(datum.get("model_input"), f"data[{i}].model_input")
+        tokens, images = tokens_from_json_chunks(datum.get("model_input"), f"data[{i}].model_input")
         budget.take(tokens.size, f"data[{i}].model_input")
         raw_inputs = datum.get("loss_fn_inputs") or {}
         if not isinstance(raw_inputs, dict):
             raise InvalidInputError("must be an object", field=f"data[{i}].loss_fn_inputs")
-        inputs = {k: tensor_from_json(v, f"data[{i}].loss_fn_inputs.{k}", rows=len(tokens), budget=budget)
+        rows = None if any(not image.tokens for image in images) else len(tokens)  # counted once the model is known
+        inputs = {k: tensor_from_json(v, f"data[{i}].loss_fn_inputs.{k}", rows=rows, budget=budget)
                   for k, v in raw_inputs.items()}
-        data.append(Datum(input_tokens=tokens, loss_inputs=inputs))
+        data.append(Datum(input_tokens=tokens, loss_inputs=inputs, images=images))
     return {"model_id": model_id, "seq_id": seq_id, "loss_fn": loss_fn, "loss_fn_config": loss_config,
             "forward_only": key == "forward_input", "data": data}
 

@@ -27,6 +27,7 @@ from twinkle.http.tinker_futures import future_reply
 from twinkle.paths import check_name
 from twinkle.types import AdamParams, LoraConfig, SeqId
 from twinkle.validation import validate_batch
+from twinkle.vision import ImageLimits, resolve_images
 
 router = APIRouter(prefix="/api/v1")
 
@@ -110,7 +111,13 @@ async def server_capabilities(request: Request) -> dict:
     ctx = context(request)
     return {"supported_models": [
         {"model_name": m.name, "max_context_length": ctx.model_info[m.name].get("max_context"),
-         "trainable": True, "sampleable": True} for m in ctx.config.models]}
+         "trainable": True, "sampleable": True, "input_modalities": _modalities(ctx.model_info[m.name])}
+        for m in ctx.config.models]}
+
+
+def _modalities(info: dict) -> list[str]:
+    """What a model's inputs may hold: image chunks only where the model has a vision tower."""
+    return ["text", "image"] if info.get("vision") else ["text"]
 
 
 # -------------------------------------------------------------- sessions
@@ -210,7 +217,8 @@ async def get_info(request: Request) -> dict:
     return {
         "type": "get_info",
         "model_id": body.model_id,
-        "model_data": {"arch": info.get("arch"), "model_name": base_model, "tokenizer_id": tokenizer_id},
+        "model_data": {"arch": info.get("arch"), "model_name": base_model, "tokenizer_id": tokenizer_id,
+                       "input_modalities": _modalities(info)},
         "is_lora": True,
         "lora_rank": row["lora"]["rank"],
         "model_name": base_model,
@@ -244,6 +252,7 @@ async def _submit_forward(request: Request, parsed: dict) -> dict:
     loss = parsed["loss_fn"]
     if not loss:
         raise InvalidInputError("missing loss_fn; e.g. cross_entropy", field="loss_fn")
+    parsed["data"] = resolve_images(parsed["data"], info.get("vision"), ImageLimits.of(limits), model=base_model)
     validate_batch(parsed["data"], loss, parsed["loss_fn_config"], info["vocab_size"],
                    max_datums=limits.max_datums_per_request, max_tokens=limits.max_tokens_per_request,
                    max_context=info["max_context"])

@@ -17,8 +17,9 @@ from twinkle.http import tinker_codec as codec
 from twinkle.http.common import context, parse, resolve_checkpoint, tenant_of, validate_body
 from twinkle.http.tinker_bodies import CreateSamplingSessionBody, SampleBody
 from twinkle.http.tinker_futures import future_reply
-from twinkle.types import SamplingParams
+from twinkle.types import Datum, SamplingParams
 from twinkle.validation import validate_sampling
+from twinkle.vision import ImageLimits, resolve_images
 
 router = APIRouter(prefix="/api/v1")
 
@@ -74,7 +75,7 @@ async def asample(request: Request) -> dict:
     tenant = await tenant_of(request)
     ctx = context(request)
     body = await parse(request, SampleBody)
-    prompt = codec.tokens_from_json_chunks(body.prompt, "prompt")  # checked before any sampler is made
+    prompt, images = codec.tokens_from_json_chunks(body.prompt, "prompt")  # checked before any sampler is made
     params = _sampling_params(body.sampling_params)
     if body.sampling_session_id:
         row = await ctx.db(ctx.store.get_sampler, body.sampling_session_id, tenant)
@@ -85,6 +86,11 @@ async def asample(request: Request) -> dict:
         sampler_id = ids.adhoc_sampler_id(uuid.uuid4().hex)
         base_model = await _create_sampler(ctx, tenant, None, sampler_id, body.model_path, body.base_model)
     info = ctx.info(base_model)
+    if images or info.get("vision"):  # image runs get the model's image token; bare text may not hold it
+        limits = ImageLimits.of(ctx.config.limits)
+        prompt_datum = resolve_images([Datum(input_tokens=prompt, images=images)], info.get("vision"), limits,
+                                      model=base_model, where="prompt")[0]
+        prompt, images = prompt_datum.input_tokens, prompt_datum.images
     targets = None
     if body.target_prompt_logprobs is not None:  # a sparse request's unlisted cells ask for nothing
         rows = max(len(prompt) - 1, 0)
@@ -99,7 +105,7 @@ async def asample(request: Request) -> dict:
     args = SampleArgs(prompt_tokens=prompt, params=params, num_samples=body.num_samples,
                       include_prompt_logprobs=body.prompt_logprobs, topk_prompt_logprobs=body.topk_prompt_logprobs,
                       topk_sample_logprobs=body.topk_sample_logprobs, target_prompt_logprobs=targets,
-                      prompt_alt_tokens_k=body.prompt_alt_tokens_k)
+                      prompt_alt_tokens_k=body.prompt_alt_tokens_k, images=images)
     request_id = await ctx.submit(tenant, base_model, "sample", sampler_id, args, seq_id=body.seq_id,
                                   extra={"type": "Sample", "last_n": body.prompt_logprobs_last_n})
     return future_reply(request_id, sample_sequence_ids=[f"{request_id}-{i}" for i in range(body.num_samples)])

@@ -49,6 +49,7 @@ class BuiltinModelSpec:
     head_dim: int
     max_position_embeddings: int = 2048
     seed: int = 1234
+    vision: bool = False  # a Qwen3-VL vision-language model (twinkle/tiny/vl.py) instead of a Qwen3 LM
 
 
 BUILTIN_MODELS: dict[str, BuiltinModelSpec] = {
@@ -59,6 +60,10 @@ BUILTIN_MODELS: dict[str, BuiltinModelSpec] = {
     "bench-small": BuiltinModelSpec(
         vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
         num_attention_heads=8, num_key_value_heads=4, head_dim=32,
+    ),
+    "twinkle-tiny-vl": BuiltinModelSpec(
+        vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, vision=True,
     ),
 }
 
@@ -71,14 +76,18 @@ def _corpus_files() -> list[Path]:
 
 
 def _fingerprint(name: str, spec: BuiltinModelSpec) -> str:
-    digest = hashlib.sha256(json.dumps({"name": name, "spec": asdict(spec), "v": BUILD_VERSION}).encode())
+    fields = asdict(spec)
+    vision = fields.pop("vision")  # text models keep the fingerprint they had before VL models existed
+    digest = hashlib.sha256(json.dumps({"name": name, "spec": fields, "v": BUILD_VERSION}).encode())
+    if vision:
+        digest.update((Path(__file__).parent / "vl.py").read_bytes())
     for path in _corpus_files():
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
-def _train_tokenizer(vocab_size: int):
+def _train_tokenizer(vocab_size: int, extra_special_tokens: list[str] = ()):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -89,7 +98,7 @@ def _train_tokenizer(vocab_size: int):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=2,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + list(extra_special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -112,6 +121,10 @@ def build_builtin_model(name: str, out_dir: str | os.PathLike) -> Path:
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
     spec = BUILTIN_MODELS[name]
+    if spec.vision:
+        from twinkle.tiny.vl import build_vl_model
+
+        return build_vl_model(name, spec, out_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -173,7 +186,7 @@ def ensure_builtin_model(name: str, models_dir: str | os.PathLike) -> Path:
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "config.json", "generation_config.json")
+                   "config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json")
 
 
 def publish_to_hub_cache(name: str, folder: str | os.PathLike) -> Path | None:
