@@ -72,39 +72,35 @@ def rpc_overhead(state_dir: str) -> dict:
     return result
 
 
-def multitenant(state_dir: str) -> dict:
-    from bench.multitenant import run
-
+def _timed(name: str, run) -> dict:
+    """Run one benchmark module's `run()`, stamp its wall time and environment, write its JSON."""
     started = time.perf_counter()
-    result = run(state_dir)
+    result = run()
     result["wall_s"] = time.perf_counter() - started
     result["env"] = environment()
-    write("multitenant", result)
+    write(name, result)
     return result
+
+
+def multitenant(state_dir: str) -> dict:
+    """Eight tenants through the server, batched vs time-sliced passes (bench/multitenant.py)."""
+    from bench.multitenant import run
+
+    return _timed("multitenant", lambda: run(state_dir))
 
 
 def sampling(state_dir: str) -> dict:
     """vLLM sampler vs transformers sampler, side by side (needs `make vllm-venv`)."""
     from bench.sampling import run
 
-    started = time.perf_counter()
-    result = run(state_dir)
-    result["wall_s"] = time.perf_counter() - started
-    result["env"] = environment()
-    write("sampling", result)
-    return result
+    return _timed("sampling", lambda: run(state_dir))
 
 
 def megatron(state_dir: str) -> dict:
     """Megatron backend step time at TP=1 and TP=2 vs the transformers backend (bench/megatron.py)."""
     from bench.megatron import run
 
-    started = time.perf_counter()
-    result = run(state_dir)
-    result["wall_s"] = time.perf_counter() - started
-    result["env"] = environment()
-    write("megatron", result)
-    return result
+    return _timed("megatron", lambda: run(state_dir))
 
 
 BENCHMARKS = {"baseline": baseline, "rpc_overhead": rpc_overhead, "multitenant": multitenant, "sampling": sampling,

@@ -32,7 +32,7 @@ from twinkle.metrics import merge_metrics
 from twinkle.modeling import load_causal_lm, load_tokenizer, resolve_model_path, vocab_size_of
 from twinkle.sampling import sample_batch
 from twinkle.vision_sampling import sample_with_images
-from twinkle.types import AdamParams, CheckpointInfo, ForwardResult, LoraConfig, LRSchedule, TrainState
+from twinkle.types import AdamParams, CheckpointInfo, Datum, ForwardResult, LoraConfig, LRSchedule, TrainState
 from twinkle.validation import lookup_loss, validate_batch, validate_sampling
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
@@ -61,6 +61,21 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def target_logprobs(logits: torch.Tensor, lengths: Sequence[int], data: Sequence[Datum]) -> list[torch.Tensor]:
+    """Each datum's log-probabilities of its target tokens (one per position, or k per position for
+    top-k targets) from a padded batch of logits; shared by every backend that produces logits."""
+    out = []
+    for i, d in enumerate(data):
+        row = logits[i, : lengths[i]]
+        targets = torch.from_numpy(np.array(d.loss_inputs["target_tokens"], dtype=np.int64)).to(logits.device)
+        lse = torch.logsumexp(row, dim=-1)
+        if targets.ndim == 1:
+            out.append(row.gather(-1, targets[:, None])[:, 0] - lse)
+        else:
+            out.append(row.gather(-1, targets) - lse[:, None])
+    return out
 
 
 class TransformersBackend(TrainingBackend, SamplingBackend):
@@ -339,16 +354,7 @@ class TransformersBackend(TrainingBackend, SamplingBackend):
         ids = ids.to(self.device)
         extra = self.vision.forward_kwargs(pixels, ids) if self.vision is not None and pixels else {}
         logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits.float()
-        out = []
-        for i, d in enumerate(data):
-            row = logits[i, : lengths[i]]
-            targets = torch.from_numpy(np.array(d.loss_inputs["target_tokens"], dtype=np.int64)).to(self.device)
-            lse = torch.logsumexp(row, dim=-1)
-            if targets.ndim == 1:
-                out.append(row.gather(-1, targets[:, None])[:, 0] - lse)
-            else:
-                out.append(row.gather(-1, targets) - lse[:, None])
-        return out
+        return target_logprobs(logits, lengths, data)
 
     # ------------------------------------------------------------ sampling
     def sample(self, requests: Sequence[SampleRequest]) -> Outcomes:

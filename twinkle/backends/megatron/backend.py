@@ -29,7 +29,7 @@ from twinkle.backends.base import BackendConfig, Outcome, Outcomes, SampleReques
 from twinkle.backends.megatron import convert
 from twinkle.backends.megatron.tp_lora import reduce_gradients, wrap_gpt_model
 from twinkle.backends.multi_lora import LoraBank, LoraPass, PassEntry, lora_pass
-from twinkle.backends.transformers import TransformersBackend, _Planned, resolve_device
+from twinkle.backends.transformers import TransformersBackend, _Planned, resolve_device, target_logprobs
 from twinkle.errors import InvalidInputError
 from twinkle.lora import adaptable_layers
 from twinkle.modeling import load_tokenizer, resolve_model_path, torch_dtype
@@ -164,16 +164,7 @@ class MegatronBackend(TransformersBackend):
 
             mask = causal_mask(longest)
         logits = self.model(ids.to(self.device), positions, mask)[..., : self.vocab_size].float()
-        out = []
-        for i, d in enumerate(data):
-            row = logits[i, : lengths[i]]
-            targets = torch.from_numpy(np.array(d.loss_inputs["target_tokens"], dtype=np.int64)).to(self.device)
-            lse = torch.logsumexp(row, dim=-1)
-            if targets.ndim == 1:
-                out.append(row.gather(-1, targets[:, None])[:, 0] - lse)
-            else:
-                out.append(row.gather(-1, targets) - lse[:, None])
-        return out
+        return target_logprobs(logits, lengths, data)
 
     # ------------------------------------------------------------ sampling
     def sample(self, requests: Sequence[SampleRequest]) -> Outcomes:
