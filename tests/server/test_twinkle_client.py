@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -33,17 +34,38 @@ TOKENS = list(range(50, 90))
 
 
 @pytest.fixture(scope="module")
-def trusting_server(tmp_path_factory):
-    """A server which runs clients' custom losses, with a Ray-client port on the Ray it embeds
-    (`ray.client_server_port`) for Twinkle's Ray mode."""
-    client_port = free_port()
+def ray_cluster():
+    """A Ray head started like an operator would (`ray start --head`), with a Ray-client port."""
+    gcs_port, client_port = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="tw-rc-", dir="/tmp")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    process = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={gcs_port}",
+                                f"--ray-client-server-port={client_port}", "--num-cpus=8",
+                                "--include-dashboard=false", f"--temp-dir={temp_dir}"],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while True:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", client_port)) == 0:
+                break
+        assert process.poll() is None and time.time() < deadline, "ray start --head failed"
+        time.sleep(0.5)
+    yield {"gcs": f"127.0.0.1:{gcs_port}", "client": f"ray://127.0.0.1:{client_port}"}
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+
+
+@pytest.fixture(scope="module")
+def trusting_server(ray_cluster, tmp_path_factory):
+    """A server on that existing cluster which runs clients' custom losses."""
     server = start_twinkle_server(tmp_path_factory.mktemp("trusting"), keys={"carol": CAROL},
-                                  extra_config={"trust_remote_code": True, "ray": {"client_server_port": client_port}})
-    server.ray_client_address = f"ray://127.0.0.1:{client_port}"
+                                  extra_config={"trust_remote_code": True, "ray": {"address": ray_cluster["gcs"]}})
     yield server
     server.stop()
-    with socket.socket() as sock:  # the server's stop closed the Ray-client port with everything else
-        assert sock.connect_ex(("127.0.0.1", client_port)) != 0
 
 
 def _run_recipe(*flags: str, env_extra: dict | None = None) -> tuple[list[str], str]:
@@ -56,12 +78,28 @@ def _run_recipe(*flags: str, env_extra: dict | None = None) -> tuple[list[str], 
     return steps, answer
 
 
-def test_same_script_gives_identical_results_in_three_modes(trusting_server, tmp_path):
+def test_same_script_gives_identical_results_in_three_modes(trusting_server, ray_cluster, tmp_path):
     local = _run_recipe("--out", str(tmp_path / "local"), env_extra={"TWINKLE_STATE_DIR": str(tmp_path / "st")})
     over_http = _run_recipe("--base-url", trusting_server.url, "--api-key", CAROL, "--out", str(tmp_path / "http"))
-    over_ray = _run_recipe("--ray-address", trusting_server.ray_client_address, "--api-key", CAROL, "--out", str(tmp_path / "ray"))
+    over_ray = _run_recipe("--ray-address", ray_cluster["client"], "--api-key", CAROL, "--out", str(tmp_path / "ray"))
     assert len(local[0]) == 4
     assert local == over_http == over_ray  # every loss bit-identical, same greedy answer
+
+
+def test_a_server_on_its_own_ray_opens_a_ray_client_port(tmp_path):
+    """`ray.client_server_port` on a server that starts its own Ray: Twinkle's Ray mode reaches it
+    there, and the port closes when the server stops."""
+    client_port = free_port()
+    server = start_twinkle_server(tmp_path / "own-ray", keys={"carol": CAROL},
+                                  extra_config={"ray": {"client_server_port": client_port}})
+    try:
+        steps, answer = _run_recipe("--ray-address", f"ray://127.0.0.1:{client_port}", "--api-key", CAROL,
+                                    "--out", str(tmp_path / "ray"))
+        assert len(steps) == 4 and answer.startswith("after training:")
+    finally:
+        assert server.stop() == 0
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", client_port)) != 0
 
 
 def _datum() -> Datum:
