@@ -185,7 +185,9 @@ def test_custom_loss_locally_and_on_a_trusting_server(trusting_server, state_dir
         builtin = _train(reference, 3)
     finally:
         reference_backend.close()
-    assert results["local"] == results["remote"]
+    # The same numbers locally and on the server, to float32 rounding: the server's worker runs torch with
+    # Ray's thread count, so its reductions may add in another order (seen: 1.2e-7 relative on CI).
+    np.testing.assert_allclose(results["remote"], results["local"], rtol=1e-6)
     np.testing.assert_allclose(results["local"], builtin, rtol=1e-6)  # gradients flow like the built-in loss
     assert builtin[-1] < builtin[0]
 
