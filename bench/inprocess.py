@@ -10,8 +10,8 @@ import itertools
 import time
 from collections.abc import Sequence
 
-from bench.workloads import (BENCH_MODEL, LORA_RANK, MEASURED_STEPS, WARMUP_STEPS, sft_batch, summarize,
-                             tokens_in)
+from bench.workloads import (BENCH_MODEL, LORA_RANK, MEASURED_STEPS, WARMUP_STEPS, sft_batch, summarize, tokens_in,
+                             trivial_batch)
 from twinkle.backends import (BackendConfig, ForwardRequest, SampleRequest, StepRequest, TrainingBackend,
                               make_training_backend, run_one)
 from twinkle.types import AdamParams, Datum, LoraConfig, SamplingParams
@@ -51,6 +51,21 @@ def train_step_time(engine: TrainingBackend, steps: int = MEASURED_STEPS, adapte
     stats["tokens_per_step"] = tokens_in(batch)
     stats["train_tokens_per_s"] = stats["tokens_per_step"] / stats["p50_s"]
     return stats
+
+
+def trivial_forward_time(engine: TrainingBackend, calls: int = 20, adapter: str = "bench") -> dict:
+    """Median wall time of a forward (no backward) of one 16-token datum: the in-process floor of a
+    trivial round trip."""
+    if not engine.has_adapter(adapter):
+        engine.create_adapter(adapter, LoraConfig(rank=LORA_RANK, seed=0))
+    tiny = trivial_batch(engine.vocab_size)
+    times = []
+    for i in range(WARMUP_STEPS + calls):
+        start = time.perf_counter()
+        run_one(engine.forward_backward, ForwardRequest(request_id("fwd"), adapter, tiny, backward=False))
+        if i >= WARMUP_STEPS:
+            times.append(time.perf_counter() - start)
+    return summarize(times)
 
 
 def sampling_throughput(engine: TrainingBackend, num_samples: int = 8, max_tokens: int = 64,

@@ -6,9 +6,9 @@ import gc
 import time
 from pathlib import Path
 
-from bench.inprocess import make_engine, train_step_time
-from bench.workloads import (BENCH_MODEL, LORA_RANK, MEASURED_STEPS, WARMUP_STEPS, sft_batch, summarize,
-                             tinker_batch, tokens_in)
+from bench.inprocess import make_engine, train_step_time, trivial_forward_time
+from bench.workloads import (BENCH_MODEL, LORA_RANK, MEASURED_STEPS, WARMUP_STEPS, sft_batch, summarize, tinker_batch,
+                             tokens_in, trivial_batch)
 from twinkle.devserver import start_dev_server
 
 BENCH_KEY = "tml-bench-key"
@@ -26,7 +26,9 @@ def request_bytes(data: list, model_id: str = "m") -> int:
     return len(proto if isinstance(proto, bytes) else proto.SerializeToString())
 
 
-def sdk_loop(url: str, batch, steps: int = MEASURED_STEPS) -> dict:
+def sdk_loop(url: str, batch, vocab_size: int, steps: int = MEASURED_STEPS, then=None) -> dict:
+    """Pipelined and naive SFT steps and trivial round trips through the unmodified SDK; `then(model_id)`
+    runs before the session closes, its result under "then"."""
     import tinker
     from tinker import types
 
@@ -60,14 +62,23 @@ def sdk_loop(url: str, batch, steps: int = MEASURED_STEPS) -> dict:
         client.optim_step(adam).result()  # no gradients pending: almost no compute
         trivial.append(time.perf_counter() - start)
     results["trivial_round_trip"] = summarize(trivial)
+    tiny = tinker_batch(trivial_batch(vocab_size))
+    forwards = []
+    for i in range(WARMUP_STEPS + 20):
+        start = time.perf_counter()
+        client.forward(tiny, "cross_entropy").result()
+        if i >= WARMUP_STEPS:
+            forwards.append(time.perf_counter() - start)
+    results["trivial_forward"] = summarize(forwards)
+    if then is not None:
+        results["then"] = then(client.model_id)
     service.close("success")
     return results
 
 
 def twinkle_client_loop(url: str, batch, steps: int = MEASURED_STEPS) -> dict:
     """Twinkle's own API over HTTP: pipelined steps, trivial round trips, payload bytes per token."""
-    from twinkle import AdamParams, LoraConfig, TrainingModel
-    from twinkle import wire
+    from twinkle import AdamParams, LoraConfig, TrainingModel, wire
     from twinkle.api.spec import ForwardArgs
     from twinkle.client.backend import RemoteBackend
     from twinkle.client.transports import HttpTransport
@@ -113,24 +124,105 @@ def local_trivial_round_trip(state_dir: str) -> dict:
     return summarize(times)
 
 
+FRONTS = ("direct", "haproxy", "proxy")  # twinkle/http/front.py; the first is the embedded default
+OPERATOR_KEY = "ops-bench-key"
+
+
+def _p50_ms(values: list[float]) -> float:
+    return round(sorted(values)[len(values) // 2] * 1000, 3)
+
+
+def front_floor(url: str, calls: int = 50) -> float:
+    """p50 ms of GET /api/v1/healthz: the HTTP front and the app's routing with no work behind them."""
+    import requests
+
+    session = requests.Session()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        session.get(url + "/api/v1/healthz").raise_for_status()
+        times.append(time.perf_counter() - start)
+    return _p50_ms(times)
+
+
+def trivial_hops(url: str, model_id: str, calls: int = 30) -> dict:
+    """A trivial optim_step sent by hand (submit, then retrieve_future), split with the server's
+    Server-Timing header into the front (client clock minus `app`), the route (`app` minus
+    `scheduler`) and the awaited scheduler calls, per HTTP request; p50 ms of each."""
+    import requests
+
+    from twinkle.http.timing import parse_server_timing
+
+    session = requests.Session()
+    headers = {"Authorization": f"Bearer {BENCH_KEY}"}
+    parts: dict[str, list[float]] = {}
+
+    def post(name: str, path: str, body: dict) -> dict:
+        start = time.perf_counter()
+        reply = session.post(url + path, json=body, headers=headers)
+        elapsed = time.perf_counter() - start
+        reply.raise_for_status()
+        timing = parse_server_timing(reply.headers.get("server-timing", ""))
+        app, scheduler = timing["app"] / 1000, timing["scheduler"] / 1000
+        for part, value in (("rtt", elapsed), ("front", elapsed - app), ("route", app - scheduler),
+                            ("scheduler", scheduler)):
+            parts.setdefault(f"{name}_{part}", []).append(value)
+        return reply.json()
+
+    for _ in range(calls):
+        submitted = post("submit", "/api/v1/optim_step", {"model_id": model_id, "adam_params": {"learning_rate": 1e-4}})
+        result = post("retrieve", "/api/v1/retrieve_future", {"request_id": submitted["request_id"]})
+        assert "metrics" in result, result  # the step's result in one long poll
+    return {f"{key}_ms": _p50_ms(values) for key, values in sorted(parts.items())}
+
+
+def _scheduler_figures(url: str) -> dict:
+    import requests
+
+    reply = requests.get(url + "/api/v1/admin/status", headers={"Authorization": f"Bearer {OPERATOR_KEY}"})
+    reply.raise_for_status()
+    stats = reply.json()["models"][BENCH_MODEL]
+    return {"execute_ms_p50": stats["execute_ms_p50"], "train_passes": stats["train_passes"]}
+
+
+def one_front(front: str, batch, vocab_size: int, state_dir: str, work_dir: str) -> dict:
+    """B1 and B1b through one HTTP front, with the per-hop breakdown of the trivial round trip."""
+    config = {"models": [{"name": BENCH_MODEL}], "state_dir": state_dir, "http_front": front,
+              "auth": {"admin_keys": {"ops": OPERATOR_KEY}}}
+    with start_dev_server(Path(work_dir) / f"rpc-{front}", config=config, keys={"bench": BENCH_KEY}) as server:
+        sdk = sdk_loop(server.url, batch, vocab_size, then=lambda model_id: (_scheduler_figures(server.url),
+                                                                 trivial_hops(server.url, model_id)))
+        passes, hops = sdk.pop("then")  # the scheduler's figures are read after the SDK's steps
+        floor = front_floor(server.url)
+    sdk_trivial = sdk["trivial_round_trip"]["p50_s"] * 1000
+    by_hand = hops["submit_rtt_ms"] + hops["retrieve_rtt_ms"]
+    return {"sdk": sdk, "healthz_ms": floor, "trivial_by_hand_ms": round(by_hand, 3),
+            "hops_ms": {"sdk_client": round(sdk_trivial - by_hand, 3),
+                        "http_front": round(hops["submit_front_ms"] + hops["retrieve_front_ms"], 3),
+                        "route": round(hops["submit_route_ms"] + hops["retrieve_route_ms"], 3),
+                        "scheduler_submit": hops["submit_scheduler_ms"],
+                        "scheduler_wait_incl_worker": hops["retrieve_scheduler_ms"]},
+            "hops_detail_ms": hops, "scheduler": passes}
+
+
 def remote_paths(state_dir: str, work_dir: str) -> tuple[dict, dict]:
-    """(rpc_overhead, client_overhead): the Tinker SDK and Twinkle's client through one server,
-    against the in-process loop, all in this run on this machine."""
+    """(rpc_overhead, client_overhead): the Tinker SDK through each HTTP front and Twinkle's client
+    through the default one, against the in-process loop, all in this run on this machine."""
     engine = make_engine(state_dir)
     inproc = train_step_time(engine)
-    batch = sft_batch(engine.vocab_size)
+    inproc_forward = trivial_forward_time(engine)
+    batch, vocab_size = sft_batch(engine.vocab_size), engine.vocab_size
     del engine
     gc.collect()
     local_call = local_trivial_round_trip(state_dir)
-    with start_dev_server(Path(work_dir) / "rpc-server", config={"models": [{"name": BENCH_MODEL}],
-                                                                   "state_dir": state_dir},
+    fronts = {front: one_front(front, batch, vocab_size, state_dir, work_dir) for front in FRONTS}
+    with start_dev_server(Path(work_dir) / "rpc-client", config={"models": [{"name": BENCH_MODEL}],
+                                                                 "state_dir": state_dir},
                           keys={"bench": BENCH_KEY}) as server:
-        remote = sdk_loop(server.url, batch)
         client = twinkle_client_loop(server.url, batch)
     n_tokens = tokens_in(batch)
     body = request_bytes(tinker_batch(batch))
     raw = n_tokens * (4 + 4 + 4)  # int32 input token, int32 target, float32 weight
-    ratio = inproc["p50_s"] / remote["pipelined"]["p50_s"]
     client_result = {
         "ratio": inproc["p50_s"] / client["pipelined"]["p50_s"],
         "inprocess_step_s": inproc["p50_s"],
@@ -143,20 +235,48 @@ def remote_paths(state_dir: str, work_dir: str) -> tuple[dict, dict]:
         "tokens_per_step": n_tokens,
         "details": {"inprocess": inproc, "http_client": client, "local_call": local_call},
         "model": BENCH_MODEL,
-        "note": "Twinkle's own API over HTTP (msgpack) vs local mode, same run",
+        "note": "Twinkle's own API over HTTP (msgpack, the default front) vs local mode, same run",
     }
+    by_front = {}
+    for front, result in fronts.items():
+        sdk = result["sdk"]
+        pass_ms = result["scheduler"]["execute_ms_p50"].get("pass")
+        by_front[front] = {
+            "ratio": inproc["p50_s"] / sdk["pipelined"]["p50_s"],  # B1
+            "trivial_forward_ms": sdk["trivial_forward"]["p50_s"] * 1000,  # B1b
+            "trivial_round_trip_ms": sdk["trivial_round_trip"]["p50_s"] * 1000,  # an optim_step with nothing to do
+            "sdk_pipelined_step_s": sdk["pipelined"]["p50_s"],
+            "sdk_naive_step_s": sdk["naive"]["p50_s"],
+            "naive_ratio": inproc["p50_s"] / sdk["naive"]["p50_s"],
+            "overhead_ms_per_step": (sdk["pipelined"]["p50_s"] - inproc["p50_s"]) * 1000,
+            "worker_pass_ms_p50": pass_ms,  # the scheduler's forward_backward batches, worker included
+            "worker_ops_ms_p50": result["scheduler"]["execute_ms_p50"].get("ops"),
+            **{k: v for k, v in result.items() if k not in ("sdk", "scheduler")},
+            "details": sdk,
+        }
+    default = by_front[FRONTS[0]]
     return {
-        "ratio": ratio,
+        "ratio": default["ratio"],
+        "trivial_forward_ms": default["trivial_forward_ms"],
+        "inprocess_trivial_forward_ms": inproc_forward["p50_s"] * 1000,
+        "trivial_round_trip_ms": default["trivial_round_trip_ms"],
+        "front": FRONTS[0],
         "inprocess_step_s": inproc["p50_s"],
-        "sdk_pipelined_step_s": remote["pipelined"]["p50_s"],
-        "sdk_naive_step_s": remote["naive"]["p50_s"],
-        "naive_ratio": inproc["p50_s"] / remote["naive"]["p50_s"],
-        "overhead_ms_per_step": (remote["pipelined"]["p50_s"] - inproc["p50_s"]) * 1000,
-        "trivial_round_trip_ms": remote["trivial_round_trip"]["p50_s"] * 1000,
+        "local_mode_trivial_call_ms": local_call["p50_s"] * 1000,  # train_state() in local mode
+        "sdk_pipelined_step_s": default["sdk_pipelined_step_s"],
+        "sdk_naive_step_s": default["sdk_naive_step_s"],
+        "naive_ratio": default["naive_ratio"],
+        "overhead_ms_per_step": default["overhead_ms_per_step"],
+        "hops_ms": default["hops_ms"],
+        "fronts": by_front,
         "request_bytes_per_token": body / n_tokens,
         "raw_binary_bytes_per_token": raw / n_tokens,
         "tokens_per_step": n_tokens,
-        "details": {"inprocess": inproc, "sdk": remote},
+        "inprocess": inproc,
         "model": BENCH_MODEL,
-        "note": "ratio = remote throughput / in-process throughput (same batch, same machine, same run)",
+        "note": "ratio (B1) = in-process step time / pipelined SDK step time; trivial_forward_ms (B1b) = a forward "
+                "of one 16-token datum through the unmodified SDK (inprocess_trivial_forward_ms: the same in this "
+                "process); trivial_round_trip_ms = an optim_step with nothing to apply; every front, the in-process loop "
+                "and local mode measured in this run on this machine; hops_ms split the trivial round trip "
+                "with the server's Server-Timing header",
     }, client_result

@@ -60,10 +60,12 @@ def rpc_overhead(state_dir: str) -> dict:
         result, client = remote_paths(state_dir, work)
     result["env"] = client["env"] = environment()
     result["wall_s"] = client["wall_s"] = time.perf_counter() - started
-    print(f"SDK via server: {result['sdk_pipelined_step_s'] * 1000:.1f} ms/step pipelined vs "
-          f"{result['inprocess_step_s'] * 1000:.1f} ms in-process -> ratio {result['ratio']:.3f}; "
-          f"trivial round trip {result['trivial_round_trip_ms']:.1f} ms; "
-          f"{result['request_bytes_per_token']:.1f} request bytes/token (raw {result['raw_binary_bytes_per_token']:.0f})")
+    for front, figures in result["fronts"].items():
+        print(f"SDK via server ({front}): {figures['sdk_pipelined_step_s'] * 1000:.1f} ms/step pipelined vs "
+              f"{result['inprocess_step_s'] * 1000:.1f} ms in-process -> ratio {figures['ratio']:.3f}; trivial forward "
+              f"{figures['trivial_forward_ms']:.1f} ms (in-process {result['inprocess_trivial_forward_ms']:.1f}); "
+              f"empty optim_step {figures['trivial_round_trip_ms']:.1f} ms = {figures['hops_ms']}")
+    print(f"{result['request_bytes_per_token']:.1f} request bytes/token (raw {result['raw_binary_bytes_per_token']:.0f})")
     write("rpc_overhead", result)
     print(f"Twinkle client via server: {client['http_client_pipelined_step_s'] * 1000:.1f} ms/step -> ratio "
           f"{client['ratio']:.3f}; per-call overhead {client['per_call_overhead_ms']:.1f} ms over local mode; "

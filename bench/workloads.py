@@ -24,6 +24,11 @@ def sft_batch(vocab_size: int, seed: int = 0, batch_size: int = BATCH_SIZE, seq_
     return data
 
 
+def trivial_batch(vocab_size: int) -> list[Datum]:
+    """One 16-token datum: a forward of it is almost no compute (the trivial round trip)."""
+    return sft_batch(vocab_size, seed=1, batch_size=1, seq_len=16)
+
+
 def tinker_batch(batch: list[Datum]) -> list:
     """The same batch as the Tinker SDK's datums (cross-entropy inputs), for SDK clients."""
     from tinker import types

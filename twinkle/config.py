@@ -229,6 +229,11 @@ class ServerConfig(_Strict):
     state_dir: str = "twinkle_state"
     trust_remote_code: bool = Field(False, description="allow clients' pickled custom losses")
     ingress_replicas: int = Field(1, ge=1)
+    http_front: Literal["direct", "proxy", "haproxy"] | None = Field(
+        None, description="how HTTP reaches the ingress: 'direct' (the replica listens on `port` itself; the "
+        "fastest, one ingress replica), 'haproxy' (HAProxy on `port` balancing several ingress replicas, which "
+        "listen on every interface), 'proxy' (Ray Serve's proxy actor). Default: direct for one ingress "
+        "replica, proxy for more")
     access_log: bool = Field(False, description="log every HTTP request (costs CPU per request)")
     # the embedded text model, and the embedded vision-language model loaded on first use (start stays fast)
     models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig(name="twinkle-tiny"),
@@ -247,6 +252,21 @@ class ServerConfig(_Strict):
         if not self.models:
             raise ValueError("configure at least one model")
         return self
+
+    @model_validator(mode="after")
+    def _front_fits_replicas(self) -> "ServerConfig":
+        if self.http_front == "direct" and self.ingress_replicas > 1:
+            raise ValueError(f"http_front 'direct' serves one ingress replica on port {self.port}, but "
+                             f"ingress_replicas is {self.ingress_replicas}: use http_front 'haproxy' (or 'proxy') for "
+                             "several replicas, or set ingress_replicas: 1")
+        return self
+
+    @property
+    def resolved_http_front(self) -> str:
+        """The front this server uses: the configured one, else direct ingress for one replica."""
+        if self.http_front is not None:
+            return self.http_front
+        return "direct" if self.ingress_replicas == 1 else "proxy"
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
@@ -290,6 +310,9 @@ class ServerConfig(_Strict):
     def check_secure(self) -> None:
         """Refuse to listen beyond loopback without keys, or with an operator key a tenant also holds."""
         self.resolved_admin_keys()
+        if self.resolved_http_front == "haproxy" and not self.resolved_keys():
+            raise ValueError("http_front 'haproxy' makes the ingress replicas listen on every interface: configure "
+                             f"API keys (auth.api_keys or ${API_KEYS_ENV}) or use http_front 'direct'")
         if not self.is_loopback and not self.resolved_keys():
             raise ValueError(f"host {self.host!r} is reachable beyond this machine: configure API keys "
                              f"(auth.api_keys or ${API_KEYS_ENV}) or listen on 127.0.0.1")

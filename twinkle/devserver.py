@@ -88,10 +88,20 @@ def start_dev_server(work_dir: str | os.PathLike, *, config: dict | None = None,
             raise RuntimeError(f"twinkle serve exited with {process.returncode}:\n{server.log_tail()}")
         try:
             with urllib.request.urlopen(f"{server.url}/api/v1/healthz", timeout=2) as reply:
-                if reply.status == 200:
+                if reply.status == 200 and _started_by(server.state_dir, process.pid):
                     return server
         except OSError:
             pass
         time.sleep(0.5)
     server.stop()
     raise RuntimeError(f"twinkle serve did not become healthy in {timeout_s:.0f}s:\n{server.log_tail()}")
+
+
+def _started_by(state_dir: Path, pid: int) -> bool:
+    """The server finished starting: it wrote its server.json (the port may answer a moment before)."""
+    import json
+
+    try:
+        return json.loads((state_dir / "server.json").read_text()).get("pid") == pid
+    except (OSError, ValueError):
+        return False

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from twinkle.config import load_config, parse_api_keys
+from twinkle.config import ServerConfig, load_config, parse_api_keys
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "cookbook" / "client" / "server").glob("*/server_config*.yaml"))
 
@@ -79,3 +79,19 @@ def test_cli_flags_override_the_file(tmp_path):
     path.write_text("port: 9000\n")
     config = load_config(path, port=9100, model="some/model", state_dir=str(tmp_path / "s"))
     assert config.port == 9100 and config.models[0].name == "some/model" and config.state_dir.endswith("s")
+
+
+def test_http_front_defaults_to_direct_ingress_and_refuses_what_cannot_work(monkeypatch):
+    monkeypatch.delenv("TWINKLE_API_KEYS", raising=False)
+    assert ServerConfig().resolved_http_front == "direct"  # one ingress replica: it listens on the port itself
+    assert ServerConfig(ingress_replicas=2).resolved_http_front == "proxy"
+    assert ServerConfig(http_front="proxy").resolved_http_front == "proxy"
+    with pytest.raises(ValueError, match="ingress_replicas is 3: use http_front 'haproxy'"):
+        ServerConfig(http_front="direct", ingress_replicas=3)
+    with pytest.raises(ValueError, match="http_front"):
+        ServerConfig(http_front="nginx")
+    # HAProxy's replicas listen on every interface: never without keys, even on a loopback host
+    with pytest.raises(ValueError, match="'haproxy' makes the ingress replicas listen on every interface"):
+        ServerConfig(http_front="haproxy").check_secure()
+    monkeypatch.setenv("TWINKLE_API_KEYS", "alice:tml-alice-key")
+    ServerConfig(http_front="haproxy", ingress_replicas=2).check_secure()

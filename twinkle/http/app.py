@@ -18,6 +18,7 @@ from twinkle.http import native_routes, openai_routes, rest_routes, tinker_futur
 from twinkle.http import metrics_routes, status_page
 from twinkle.http.common import context, install_context, tenant_of
 from twinkle.http.context import ServerContext
+from twinkle.http.timing import ServerTimingMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ def create_app() -> FastAPI:
     app.include_router(native_routes.router)
     app.include_router(status_page.router)  # GET /status (a live page) and /api/v1/twinkle/runs/{id}/metrics
     metrics_routes.install(app)  # GET /metrics, and the middleware that counts every request
+    app.add_middleware(ServerTimingMiddleware)  # Server-Timing: where each request's time went
     app.include_router(openai_routes.router)  # OpenAI-compatible sampling under /v1
 
     @app.exception_handler(TwinkleError)

@@ -22,6 +22,7 @@ from twinkle.errors import (ConflictError, InvalidInputError, NotFoundError, Quo
                             ServerUnavailableError)
 from twinkle.http.auth import KeyRing
 from twinkle.http.ratelimit import RateLimiter
+from twinkle.http.timing import on_scheduler
 from twinkle.layout import run_dir_name
 from twinkle.store import Store
 
@@ -131,7 +132,7 @@ class ServerContext:
         if record_.status == "pending":  # re-submitting a retry is harmless: the scheduler dedupes
             item = WorkItem(request_id, tenant, method, target_id, args, seq_id=seq_id, ordered=ordered,
                             record=record or {})
-            rejected = await scheduler.submit.remote(item)
+            rejected = await on_scheduler(scheduler.submit.remote(item))
             if rejected is not None:  # over a quota: nothing was queued, and a retry starts afresh
                 await self.db(self.store.delete_future, request_id)
                 self._futures.pop(request_id, None)
@@ -166,7 +167,7 @@ class ServerContext:
                    record: dict | None = None) -> Any:
         """Run a request through the model's queue and wait for its result (direct replies)."""
         item = WorkItem(uuid.uuid4().hex, tenant, method, target_id, args, record=record or {})
-        status, payload = await self.scheduler(base_model).call.remote(item)
+        status, payload = await on_scheduler(self.scheduler(base_model).call.remote(item))
         if status == "failed":
             raise _error_from(payload)
         return payload
@@ -191,7 +192,7 @@ class ServerContext:
             self._futures[request_id] = cached
         _, base_model, extra = cached
         try:
-            outcome = await self.scheduler(base_model).wait.remote(request_id, timeout)
+            outcome = await on_scheduler(self.scheduler(base_model).wait.remote(request_id, timeout))
         except Exception as exc:  # the scheduler actor is gone
             raise ServerUnavailableError(f"the {base_model} scheduler is unavailable: {type(exc).__name__}") from None
         if outcome is None:

@@ -23,6 +23,7 @@ class RunningServer:
         self.schedulers = schedulers
         self.embedded_ray = embedded_ray
         self.ray_client_server = None  # the child process serving ray.client_server_port, if opened
+        self.front = None  # the FrontPlan in use (twinkle.http.front)
 
     @property
     def url(self) -> str:
@@ -78,6 +79,7 @@ def start_server(config: ServerConfig, *, on_ray_started=None) -> RunningServer:
     from twinkle.actors.runtime import init_ray
     from twinkle.actors.scheduler import spawn_scheduler
     from twinkle.http.app import TwinkleIngress
+    from twinkle.http.front import front_problem, plan_front
     from twinkle.store import Store
 
     config.check_secure()
@@ -115,15 +117,21 @@ def start_server(config: ServerConfig, *, on_ray_started=None) -> RunningServer:
         # model workers need on small machines; it is off unless the config asks for it.
         # Serve's controller and proxy log at WARNING: at INFO the proxy writes every route of the app
         # on one ~6 KB line each time endpoints change; Twinkle logs its own start and stop.
-        serve.start(http_options={"host": config.host, "port": config.port}, proxy_location="HeadOnly",
-                    logging_config={"enable_access_log": config.access_log, "log_level": "WARNING"})
+        front = server.front = plan_front(config)
+        serve.start(http_options={"host": config.host, "port": front.proxy_port}, proxy_location="HeadOnly",
+                    logging_config={"enable_access_log": config.access_log, "log_level": "WARNING"},
+                    controller_options=front.controller_options())
         node_resource = f"node:{ray.util.get_node_ip_address()}"
         deployment = TwinkleIngress.options(
             num_replicas=config.ingress_replicas,
-            ray_actor_options={"num_cpus": 0, "resources": {node_resource: 0.001}},
+            ray_actor_options={"num_cpus": 0, "resources": {node_resource: 0.001},
+                               "runtime_env": front.replica_runtime_env()},
             logging_config={"enable_access_log": config.access_log},
         )
         serve.run(deployment.bind(config.model_dump()), name=APP_NAME, route_prefix="/")
+        problem = front_problem(front.name, config.host, config.port)
+        if problem:
+            raise RuntimeError(problem)
         if config.ray.client_server_port is not None:
             from twinkle.actors.ray_client_port import open_client_port
 
@@ -132,8 +140,14 @@ def start_server(config: ServerConfig, *, on_ray_started=None) -> RunningServer:
         server.stop()
         raise
     _write_server_info(state_dir, server)
-    log.info("Twinkle is serving on %s (ready in %.1fs)", server.url, time.time() - started)
+    log.info("Twinkle is serving on %s through %s (ready in %.1fs)", server.url, _front_words(config),
+             time.time() - started)
     return server
+
+
+def _front_words(config: ServerConfig) -> str:
+    return {"direct": "Serve's direct ingress", "haproxy": "HAProxy",
+            "proxy": "Serve's proxy"}[config.resolved_http_front]
 
 
 def _check_cluster(config: ServerConfig) -> None:
@@ -177,6 +191,8 @@ def _write_server_info(state_dir: Path, server: RunningServer) -> None:
     info = {"url": server.url, "ray_address": ray.get_runtime_context().gcs_address,
             "ray_client_address": f"ray://127.0.0.1:{client_port}" if client_port else None,
             "namespace": server.config.ray.namespace, "pid": os.getpid(),
+            "http_front": server.front.name if server.front else None,
+            "serve_proxy_port": server.front.proxy_port if server.front else None,
             "models": [m.name for m in server.config.models]}
     (state_dir / "server.json").write_text(json.dumps(info, indent=2))
 
