@@ -177,19 +177,20 @@ def image_token_count(width: int, height: int, facts: dict) -> int:
 
 # ------------------------------------------------------- sequences with images
 def resolve_images(data: Sequence[Datum], facts: dict | None, limits: ImageLimits, *, model: str,
-                   where: str = "data") -> list[Datum]:
+                   where: str = "data", datum_field: str | None = "model_input") -> list[Datum]:
     """Datums whose image runs hold the model's image token, each image checked and counted.
 
     An image sent with `tokens == 0` (its count unknown to the client) gets the processor's count
     and the sequence grows by it; an image with a count that disagrees is refused (400). Text that
-    holds the image token itself is refused: only images may produce it."""
+    holds the image token itself is refused: only images may produce it. Errors name
+    `<where>[i].<datum_field>` (Tinker: `data[i].model_input`; Twinkle's API: `data[i]`)."""
     total = sum(len(d.images) for d in data)
     if total > limits.max_images:
         raise InvalidInputError(f"{total} images exceed this server's limit of {limits.max_images} per request",
                                 field=where)
     out = []
     for i, datum in enumerate(data):
-        field = f"{where}[{i}].model_input" if where == "data" else where
+        field = (f"{where}[{i}].{datum_field}" if datum_field else f"{where}[{i}]") if where == "data" else where
         out.append(_resolve(datum, facts, limits, model, field))
     return out
 
@@ -203,19 +204,20 @@ def _resolve(datum: Datum, facts: dict | None, limits: ImageLimits, model: str, 
                                     field=field)
         return datum
     if facts is None:
-        raise InvalidInputError(f"chunk {_chunk_label(datum.images[0])}: {model} is a text-only model and takes no "
+        raise InvalidInputError(f"{_chunk_label(datum.images[0], 0)}: {model} is a text-only model and takes no "
                                 "images; send images to a vision-language model (get_capabilities lists which "
                                 "take images)", field=field)
     pieces, images, cursor, shift = [], [], 0, 0
     image_id = facts["image_token_id"]
-    for image in datum.images:
-        label = f"{field}.{_chunk_label(image)}"
+    for k, image in enumerate(datum.images):
+        label = f"{field}.{_chunk_label(image, k)}"
         width, height = image_size(image.data, image.format, limits, label)
         count = image_token_count(width, height, facts)
         if image.tokens and image.tokens != count:
-            raise InvalidInputError(f"expected_tokens is {image.tokens} but {model}'s image processor makes "
+            name = "expected_tokens" if image.chunk is not None else "tokens"  # the Tinker chunk's or ImagePart's
+            raise InvalidInputError(f"{name} is {image.tokens} but {model}'s image processor makes "
                                     f"{count} tokens of this {width} x {height} image; send "
-                                    f"expected_tokens={count} (count it with the model's image processor)",
+                                    f"{name}={count} (count it with the model's image processor)",
                                     field=label)
         pieces.append(tokens[cursor: image.position])
         pieces.append(np.full(count, image_id, dtype=np.int64))
@@ -233,7 +235,8 @@ def _resolve(datum: Datum, facts: dict | None, limits: ImageLimits, model: str, 
     return datum.model_copy(update={"input_tokens": full, "images": images})
 
 
-def _chunk_label(image: ImagePart) -> str:
+def _chunk_label(image: ImagePart, index: int) -> str:
+    """How errors name an image: its Tinker chunk, else its place in the datum's `images`."""
     if image.chunk is not None:
         return f"chunks[{image.chunk}] (image)"
-    return f"image at token {image.position}"
+    return f"images[{index}]"

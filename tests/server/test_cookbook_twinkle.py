@@ -1,7 +1,7 @@
 """The Twinkle-API cookbook recipes (cookbook/client/twinkle/self_host/), each run as a user would run
 it: a subprocess, shortened with small --steps, against the shared `twinkle serve` over HTTP (tenant
-bob); self_cognition.py once in local mode. Each test checks the effect the recipe claims, read from
-its stable output lines (`step N ...`, `final: ...`)."""
+bob); self_cognition.py and multi_modal.py in local mode. Each test checks the effect the recipe
+claims, read from its stable output lines (`step N ...`, `final: ...`)."""
 
 from __future__ import annotations
 
@@ -92,6 +92,18 @@ def test_sample_from_checkpoint_over_http(server, tmp_path):
     again = _run(server, "sample.py", "--model-path", path, "--num-samples", "3", "--out", str(tmp_path / "b"))
     assert not any(line.startswith("checkpoint: ") for line in again)  # nothing trained this time
     assert _matches(again, r"^(sample .*)$") == _matches(lines, r"^(sample .*)$")  # same weights, same seed
+
+
+def test_multi_modal_names_unseen_colours_in_local_mode(tmp_path):
+    # in-process on twinkle-tiny-vl (the shared server hosts twinkle-tiny only); HTTP and Ray-client
+    # runs of this recipe, with the same losses, are in test_multi_modal_twinkle.py
+    lines = _run(None, "multi_modal.py", "--out", str(tmp_path / "mm"),
+                 env_extra={"TWINKLE_STATE_DIR": str(tmp_path / "state"), "OMP_NUM_THREADS": "1"})
+    losses = [float(m[0]) for m in _matches(lines, rf"^step \d+ loss {NUMBER}$")]
+    assert len(losses) == 32 and losses[-1] < 0.2 * losses[0]
+    before, after = _final(lines, rf"^final: accuracy {NUMBER} -> {NUMBER}$")
+    assert before <= 1 / 3 and after >= 5 / 6  # chance is 1/3; the test shades were never trained on
+    assert (tmp_path / "mm" / "loss.png").exists()
 
 
 def test_identity_verdict_needs_the_taught_sentence_not_a_substring():

@@ -118,6 +118,14 @@ class LocalBackend:
             self._tokenizers[tokenizer_path] = load_tokenizer(tokenizer_path)
         return self._tokenizers[tokenizer_path]
 
+    def get_image_processor(self, base_model: str, tokenizer_path: str):
+        from twinkle.chat_images import load_image_processor
+
+        key = ("image_processor", tokenizer_path)
+        if key not in self._tokenizers:
+            self._tokenizers[key] = load_image_processor(tokenizer_path, base_model)
+        return self._tokenizers[key]
+
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         for group in self._groups:

@@ -16,8 +16,8 @@ from twinkle.api.futures import Future
 from twinkle.api.spec import (CreateModelArgs, CreateSamplerArgs, Empty, ForwardArgs, FromCheckpointArgs, LoadArgs,
                               ModelInfo, SampleArgs, SamplerInfo, SaveArgs, SaveSamplerArgs, StepArgs)
 from twinkle.errors import InvalidInputError
-from twinkle.types import (AdamParams, CheckpointInfo, Datum, ForwardResult, LoraConfig, LRSchedule, SampleResult,
-                           SamplingParams, StepResult, TrainState)
+from twinkle.types import (AdamParams, CheckpointInfo, Datum, ForwardResult, ImagePart, LoraConfig, LRSchedule,
+                           SampleResult, SamplingParams, StepResult, TrainState)
 
 
 def _args(model: type, **fields):
@@ -133,6 +133,11 @@ class TrainingModel:
     def get_tokenizer(self):
         return self._backend.get_tokenizer(self.info.base_model, self.info.tokenizer_path)
 
+    def get_image_processor(self):
+        """The model's image processor (vision-language models), to count image tokens with
+        `twinkle.chat.supervised_datum(..., image_processor=...)`."""
+        return self._backend.get_image_processor(self.info.base_model, self.info.tokenizer_path)
+
     def close(self) -> None:
         self._call("close_model", Empty()).result()
 
@@ -152,17 +157,27 @@ class Sampler:
     def sample(self, prompt_tokens: Sequence[int], params: SamplingParams | None = None, num_samples: int = 1,
                include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
                topk_sample_logprobs: int = 0, target_prompt_logprobs: Sequence[Sequence[int]] | None = None,
-               prompt_alt_tokens_k: int = 0) -> Future[SampleResult]:
+               prompt_alt_tokens_k: int = 0, images: Sequence[ImagePart] | None = None) -> Future[SampleResult]:
+        """Sample continuations of `prompt_tokens`. `images`: the image runs of the prompt (default:
+        those a `twinkle.chat.build_prompt` prompt carries)."""
+        if images is None:
+            images = getattr(prompt_tokens, "images", None) or []
         args = _args(SampleArgs, prompt_tokens=list(prompt_tokens), params=params or SamplingParams(),
                      num_samples=num_samples, include_prompt_logprobs=include_prompt_logprobs,
                      topk_prompt_logprobs=topk_prompt_logprobs, topk_sample_logprobs=topk_sample_logprobs,
-                     target_prompt_logprobs=target_prompt_logprobs, prompt_alt_tokens_k=prompt_alt_tokens_k)
+                     target_prompt_logprobs=target_prompt_logprobs, prompt_alt_tokens_k=prompt_alt_tokens_k,
+                     images=list(images))
         return self._backend.call("sample", self.sampler_id, args)
 
-    def compute_logprobs(self, tokens: Sequence[int]) -> Future[list[float | None]]:
-        """Logprob of every token given the ones before it (the first is None)."""
-        return self.sample(tokens, SamplingParams(max_tokens=1), include_prompt_logprobs=True).then(
+    def compute_logprobs(self, tokens: Sequence[int], images: Sequence[ImagePart] | None = None
+                         ) -> Future[list[float | None]]:
+        """Logprob of every token given the ones before it (the first is None); `images` as in `sample`."""
+        return self.sample(tokens, SamplingParams(max_tokens=1), include_prompt_logprobs=True, images=images).then(
             lambda r: r.prompt_logprobs)
 
     def get_tokenizer(self):
         return self._backend.get_tokenizer(self.info.base_model, self.info.tokenizer_path)
+
+    def get_image_processor(self):
+        """The model's image processor (vision-language models), as `TrainingModel.get_image_processor`."""
+        return self._backend.get_image_processor(self.info.base_model, self.info.tokenizer_path)

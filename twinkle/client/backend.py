@@ -38,7 +38,7 @@ class RemoteBackend:
         self._sampler_numbers = itertools.count(0)
         self._seq: dict[str, itertools.count] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="twinkle-poll")
-        self._tokenizers: dict[str, object] = {}
+        self._tokenizers: dict = {}  # base model (or ("image_processor", base model)) -> loaded object
         self._closed = threading.Event()
         self._unsent = 0  # calls made but not yet accepted by the server
         self._sent = threading.Condition()
@@ -133,6 +133,21 @@ class RemoteBackend:
             from transformers import AutoTokenizer
         except ImportError:
             raise ImportError("get_tokenizer() needs the transformers package: pip install transformers") from None
+        self._tokenizers[base_model] = AutoTokenizer.from_pretrained(str(self._model_files(base_model)))
+        return self._tokenizers[base_model]
+
+    def get_image_processor(self, base_model: str, tokenizer_path: str | None = None):
+        """The model's image processor (vision-language models), from the same files as the tokenizer."""
+        key = ("image_processor", base_model)
+        if key not in self._tokenizers:
+            from twinkle.chat_images import load_image_processor
+
+            self._tokenizers[key] = load_image_processor(str(self._model_files(base_model)), base_model)
+        return self._tokenizers[key]
+
+    def _model_files(self, base_model: str) -> Path:
+        """A local folder with the model's tokenizer (and image processor) files, fetched from the
+        server once and cached on disk by content."""
         files = self.transport.request("tokenizer", {"base_model": base_model})["files"]
         digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
         root = Path(os.environ.get("TWINKLE_TOKENIZER_CACHE") or Path.home() / ".cache" / "twinkle" / "tokenizers")
@@ -143,5 +158,4 @@ class RemoteBackend:
                 if "/" not in name and not name.startswith("."):
                     (folder / name).write_bytes(base64.b64decode(content))
             (folder / ".complete").touch()
-        self._tokenizers[base_model] = AutoTokenizer.from_pretrained(str(folder))
-        return self._tokenizers[base_model]
+        return folder

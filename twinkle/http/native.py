@@ -8,17 +8,20 @@ server never leave it.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import uuid
 from typing import Any
 
 from twinkle import ids
-from twinkle.api.spec import API_METHODS
+from twinkle.api.spec import API_METHODS, SampleArgs
 from twinkle.errors import InvalidInputError, NotFoundError, PermissionDeniedError, TwinkleError
 from twinkle.http.common import resolve_checkpoint, tinker_path
 from twinkle.http.context import ServerContext
 from twinkle.paths import check_name
+from twinkle.types import Datum
 from twinkle.validation import check_seq_id, validate_batch, validate_sampling
+from twinkle.vision import ImageLimits, resolve_images
 
 
 class NativeAPI:
@@ -133,6 +136,7 @@ class NativeAPI:
                 raise NotFoundError(f"no sampler {target_id!r}", field="sampler_id")
             base_model = row["base_model"]
             info = ctx.info(base_model)
+            args = await self._with_images(args, info, base_model)
             validate_sampling(args.prompt_tokens, args.params, args.num_samples, info["vocab_size"],
                               info["max_context"], topk_prompt_logprobs=args.topk_prompt_logprobs,
                               topk_sample_logprobs=args.topk_sample_logprobs,
@@ -140,6 +144,7 @@ class NativeAPI:
                               prompt_alt_tokens_k=args.prompt_alt_tokens_k,
                               max_samples=ctx.config.limits.max_samples_per_request)
         elif method in ("forward", "forward_backward"):
+            args = await self._with_images(args, ctx.info(base_model), base_model)
             if args.custom_loss is not None and not ctx.config.trust_remote_code:
                 raise PermissionDeniedError(
                     "this server does not run client code; an operator can enable custom losses with "
@@ -170,6 +175,31 @@ class NativeAPI:
         request_id = await ctx.submit(tenant, base_model, method, target_id, args, seq_id=seq_id,
                                       ordered=ordered, extra=extra, record=record)
         return {"request_id": request_id}
+
+    async def _with_images(self, args, info: dict, base_model: str):
+        """Datums (or a sample prompt) whose images are checked as the Tinker routes check them: the
+        server's limits, a text-only model, each image's token count and placeholder run (the header
+        reads run in a thread)."""
+        limits = ImageLimits.of(self.ctx.config.limits)
+        facts = info.get("vision")
+        if isinstance(args, SampleArgs):
+            if not args.images and facts is None:
+                return args
+            prompt = Datum(input_tokens=args.prompt_tokens, images=args.images)
+            [prompt] = await asyncio.to_thread(resolve_images, [prompt], facts, limits, model=base_model,
+                                               where="prompt")
+            return args.model_copy(update={"prompt_tokens": prompt.input_tokens, "images": prompt.images})
+        if not any(datum.images for datum in args.data) and facts is None:
+            return args
+        for i, datum in enumerate(args.data):
+            for k, image in enumerate(datum.images):
+                if not image.tokens:
+                    raise InvalidInputError(
+                        "the image's token count is 0: count it with the model's image processor so the loss "
+                        "inputs line up (twinkle.chat.supervised_datum does, with image_processor=)",
+                        field=f"data[{i}].images[{k}]")
+        data = await asyncio.to_thread(resolve_images, args.data, facts, limits, model=base_model, datum_field=None)
+        return args.model_copy(update={"data": data})
 
     async def retrieve(self, tenant: str, request_id: str, timeout: float | None = None) -> dict:
         """{"status": "pending"} | {"status": "done", "result": ...} | {"status": "failed", "error": {...}}."""

@@ -23,19 +23,9 @@ from pathlib import Path
 
 from tinker import types
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # cookbook/common.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # cookbook/common.py, cookbook/colours.py
+from colours import QUESTION, answer_of, test_set, train_set  # noqa: E402
 from common import MetricsLog, add_tinker_connection_flags, ready, tinker_service  # noqa: E402
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
-QUESTION = "What colour is this?"
-
-
-def draw(rgb: tuple[int, int, int], size: int, shade: float) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), tuple(int(c * shade) for c in rgb)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 class Renderer:
@@ -70,7 +60,7 @@ class Renderer:
 def accuracy(sampler, renderer: Renderer, examples: list[tuple[bytes, str]]) -> float:
     futures = [sampler.sample(renderer.prompt(data), 1, types.SamplingParams(max_tokens=4, temperature=0.0))
                for data, _ in examples]
-    answers = [renderer.tok.decode(f.result().sequences[0].tokens).split("<|im_end|>")[0].strip() for f in futures]
+    answers = [answer_of(renderer.tok.decode(f.result().sequences[0].tokens)) for f in futures]
     return sum(a == name for a, (_, name) in zip(answers, examples)) / len(examples)
 
 
@@ -92,8 +82,7 @@ def main() -> None:
                                                          seed=args.seed))
     # the image processor is found the way the tokenizer is: by model name (published by the server)
     renderer = Renderer(training.get_tokenizer(), AutoImageProcessor.from_pretrained(args.base_model))
-    train = [(draw(rgb, 128, 1.0), name) for name, rgb in COLOURS.items()]
-    test = [(draw(rgb, 128, shade), name) for name, rgb in COLOURS.items() for shade in (0.9, 0.75)]  # unseen shades
+    train, test = train_set(), test_set()  # the test images are in shades never trained on
     data = [renderer.datum(image, name) for image, name in train]
     tokens = sum(sum(d.loss_fn_inputs["weights"].tolist()) for d in data)
 
