@@ -38,15 +38,33 @@ def target_modules(model: nn.Module, lora: LoraConfig) -> list[str]:
 
 
 def targets_for(kinds: dict[str, str], lora: LoraConfig) -> list[str]:
-    """Target names for `lora` given the base model's `module_kinds` (computed before peft wraps it)."""
-    wanted = {"attn": lora.train_attn, "mlp": lora.train_mlp, "unembed": lora.train_unembed}
+    """Target names for `lora` given layer kinds ('attn', 'mlp', 'unembed', 'vision') by leaf name or path."""
+    wanted = {"attn": lora.train_attn, "mlp": lora.train_mlp, "unembed": lora.train_unembed,
+              "vision": lora.train_vision}
     names = sorted(name for name, kind in kinds.items() if wanted[kind])
     if not names:
-        raise ValueError("no linear layers match the requested train_attn/train_mlp/train_unembed options")
+        raise ValueError("no linear layers match the requested train_attn/train_mlp/train_unembed/train_vision "
+                         "options")
     return names
 
 
-def peft_config(kinds: dict[str, str], lora: LoraConfig, base_model_name: str):
+def peft_targets(layers: list[str] | tuple[str, ...], module_paths: frozenset[str]) -> list[str]:
+    """peft `target_modules` that select exactly `layers` among the model's `module_paths`.
+
+    A leaf name (`q_proj`) where every module of that name is adapted, else the full paths: a vision
+    tower may reuse its language model's leaf names, and peft matches a name on any path ending in it."""
+    chosen = set(layers)
+    targets: set[str] = set()
+    for layer in chosen:
+        leaf = layer.rsplit(".", 1)[-1]
+        namesakes = {p for p in module_paths if p.rsplit(".", 1)[-1] == leaf} | {layer}
+        targets.add(leaf if namesakes <= chosen else layer)
+    return sorted(targets)
+
+
+def peft_config(kinds: dict[str, str], lora: LoraConfig, base_model_name: str, *,
+                targets: list[str] | None = None):
+    """The peft LoraConfig of `lora`: on `targets` (see `peft_targets`), else on `kinds`' names it selects."""
     from peft import LoraConfig as PeftLoraConfig
 
     return PeftLoraConfig(
@@ -54,22 +72,26 @@ def peft_config(kinds: dict[str, str], lora: LoraConfig, base_model_name: str):
         lora_alpha=lora.alpha,
         lora_dropout=0.0,
         bias="none",
-        target_modules=targets_for(kinds, lora),
+        target_modules=targets if targets is not None else targets_for(kinds, lora),
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_name,
     )
 
 
-def lora_from_peft(peft_cfg, module_kinds: dict[str, str]) -> LoraConfig:
-    """Recover Tinker-style options from a PEFT adapter config (for adapters made elsewhere)."""
+def lora_from_peft(peft_cfg, layer_kinds: dict[str, str]) -> LoraConfig:
+    """Recover Tinker-style options from a PEFT adapter config (for adapters made elsewhere).
+
+    `layer_kinds`: adaptable layer path -> kind; a target names a layer by its path or any suffix."""
     targets = set(peft_cfg.target_modules or [])
-    kinds = {module_kinds.get(t) for t in targets}
+    kinds = {kind for path, kind in layer_kinds.items()
+             if any(path == t or path.endswith("." + t) for t in targets)}
     return LoraConfig(
         rank=int(peft_cfg.r),
         alpha=float(peft_cfg.lora_alpha),
         train_attn="attn" in kinds,
         train_mlp="mlp" in kinds,
         train_unembed="unembed" in kinds,
+        train_vision="vision" in kinds,
     )
 
 

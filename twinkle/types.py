@@ -49,7 +49,8 @@ class LoraConfig(_Model):
     """A LoRA adapter on the base model, with Tinker's options.
 
     `alpha` defaults to 32 (the effective scale is alpha / rank, so the best learning rate does not
-    depend on the rank). `seed` fixes the adapter's initial weights.
+    depend on the rank). `seed` fixes the adapter's initial weights. `train_vision` (Twinkle's own
+    option, off by default) also adapts every linear layer of a vision-language model's vision tower.
     """
 
     rank: int = Field(32, ge=1)
@@ -58,11 +59,12 @@ class LoraConfig(_Model):
     train_attn: bool = True
     train_mlp: bool = True
     train_unembed: bool = True
+    train_vision: bool = False
 
     @model_validator(mode="after")
     def _something_to_train(self) -> "LoraConfig":
-        if not (self.train_attn or self.train_mlp or self.train_unembed):
-            raise ValueError("at least one of train_attn, train_mlp, train_unembed must be true")
+        if not (self.train_attn or self.train_mlp or self.train_unembed or self.train_vision):
+            raise ValueError("at least one of train_attn, train_mlp, train_unembed, train_vision must be true")
         return self
 
 

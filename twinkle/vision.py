@@ -117,6 +117,12 @@ def decode_image(data: bytes, fmt: str, limits: ImageLimits, field: str):
 
 
 # ------------------------------------------------------------ model facts
+def vision_refusal(model: str) -> str:
+    """Why a LoRA with train_vision cannot be created on a text-only model, and what to do instead."""
+    return (f"{model} has no vision tower to adapt; train_vision needs a vision-language model "
+            "(e.g. twinkle-tiny-vl), or set train_vision=false")
+
+
 def vision_facts(model_path: str) -> dict | None:
     """What the ingress needs to place image tokens for a model; None for a text-only model.
 

@@ -25,6 +25,7 @@ from tinker import types  # noqa: E402
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 MAX_IMAGES = 4
+LARGE_PIXELS = 32 * 1024 * 1024  # this server's max_image_pixels: twice the default
 
 
 def png(rgb, size=(128, 128)) -> bytes:
@@ -58,7 +59,7 @@ def vl_server(tmp_path_factory):
     handle = start_twinkle_server(work, extra_config={
         "models": [{"name": "twinkle-tiny-vl", "preload": False}, {"name": "twinkle-tiny", "preload": False},
                    {"name": "my-vl", "path": str(folder), "preload": False}],
-        "limits": {"max_images_per_request": MAX_IMAGES}})
+        "limits": {"max_images_per_request": MAX_IMAGES, "max_image_pixels": LARGE_PIXELS}})
     handle.folder = folder
     yield handle
     stop_twinkle_server(handle)
@@ -198,7 +199,7 @@ def test_bad_images_are_refused_naming_the_chunk(vl_server, chat):
             where=image)
     started = time.monotonic()
     refused(with_image(png_bomb(60000, 60000)), "pixels", "limit", where=image)  # 3.6 gigapixels, never decoded
-    refused(with_image(png_bomb(5000, 5000)), "5000 x 5000", "limit", where=image)
+    refused(with_image(png_bomb(6000, 6000)), "6000 x 6000", f"limit of {LARGE_PIXELS}", where=image)
     assert time.monotonic() - started < 10
     refused(with_image(png_bomb(0, 10)), "0 x 10", "positive", where=image)
     refused(with_image(b"this is not an image"), "not a decodable png", where=image)
@@ -285,3 +286,32 @@ def test_cookbook_multi_modal_recipe_learns_the_colours(vl_server, tmp_path):
     before, after = map(float, re.search(r"^final: accuracy (\S+) -> (\S+)$", proc.stdout, re.M).groups())
     assert before <= 1 / 3 and after >= 5 / 6, proc.stdout  # well above chance (1/3) on unseen shades
     assert (tmp_path / "loss.png").is_file()
+
+
+def test_the_servers_larger_pixel_limit_reaches_the_worker(vl_server, chat):
+    """max_image_pixels is twice the default here: the worker accepts a 5000 x 4000 image (20 Mpx) that
+    the default limit (16 Mpx) would refuse, because it re-checks with the server's limits."""
+    service = tinker.ServiceClient(base_url=vl_server.url, api_key=KEYS["alice"])
+    training = service.create_lora_training_client(base_model="twinkle-tiny-vl", rank=4, seed=4).result()
+    out = training.forward([chat.datum(png(COLOURS["green"], size=(5000, 4000)), "green")], "cross_entropy").result()
+    assert np.isfinite(out.metrics["loss:sum"])
+
+
+def test_train_vision_on_a_text_only_model_is_a_400(vl_server):
+    """Twinkle's `train_vision` LoRA option (raw JSON: the stock SDK has no such argument)."""
+    http = requests.Session()
+    http.headers["X-API-Key"] = KEYS["alice"]
+    session = http.post(f"{vl_server.url}/api/v1/create_session", json={"tags": [], "sdk_version": "0.38"},
+                        timeout=30).json()["session_id"]
+
+    def create(base_model: str) -> requests.Response:
+        return http.post(f"{vl_server.url}/api/v1/create_model", timeout=30, json={
+            "session_id": session, "model_seq_id": 0 if base_model == "twinkle-tiny" else 1, "base_model": base_model,
+            "lora_config": {"rank": 4, "seed": 1, "train_vision": True}})
+
+    refused = create("twinkle-tiny")
+    assert refused.status_code == 400, refused.text
+    error = refused.json()
+    assert "train_vision" in str(error) and "no vision tower" in str(error) and "twinkle-tiny-vl" in str(error), error
+    accepted = create("twinkle-tiny-vl")
+    assert accepted.status_code == 200, accepted.text

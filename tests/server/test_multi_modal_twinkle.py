@@ -8,6 +8,7 @@ three modes (in-process, HTTP, Ray client) against real models; the shared serve
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import struct
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 
 from tests.server.conftest import start_twinkle_server
-from twinkle import LoraConfig, SamplingParams, TrainingModel
+from twinkle import AdamParams, LoraConfig, SamplingParams, TrainingModel
 from twinkle.chat import build_prompt, supervised_datum
 from twinkle.client.backend import RemoteBackend
 from twinkle.client.transports import HttpTransport
@@ -31,6 +32,8 @@ from twinkle.types import Datum
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "cookbook" / "client" / "twinkle" / "self_host" / "multi_modal.py"
 KEY = "dana-key"
+TINKER_KEY = "tml-alice-vl-key"  # the stock Tinker SDK wants the tml- prefix
+SMALL_PIXELS = 2_000_000  # this server's max_image_pixels, well under the default 16 Mpx
 NUMBER = r"(-?[0-9.]+(?:e-?\d+)?)"
 RED = (220, 30, 30)
 
@@ -54,8 +57,9 @@ def png_bomb(width: int, height: int) -> bytes:
 @pytest.fixture(scope="module")
 def vl_server(tmp_path_factory):
     port = free_port()
-    handle = start_twinkle_server(tmp_path_factory.mktemp("vl-twinkle"), keys={"dana": KEY}, extra_config={
-        "ray": {"client_server_port": port},
+    handle = start_twinkle_server(tmp_path_factory.mktemp("vl-twinkle"), keys={"dana": KEY, "alice": TINKER_KEY},
+                                  extra_config={
+        "ray": {"client_server_port": port}, "limits": {"max_image_pixels": SMALL_PIXELS},
         "models": [{"name": "twinkle-tiny-vl", "preload": False}, {"name": "twinkle-tiny", "preload": False}]})
     handle.ray_address = f"ray://127.0.0.1:{port}"
     yield handle
@@ -159,3 +163,52 @@ def test_bad_images_through_twinkle_api_are_refused_by_name(backend):
 
     # nothing changed: the adapter computes what it did before the refusals
     assert model.forward([good]).result().metrics["loss:sum"] == pytest.approx(before, rel=1e-6)
+
+
+def test_the_servers_smaller_pixel_limit_refuses_through_both_apis(backend, vl_server):
+    """A real 1500 x 1500 image (2.25 Mpx: the default limit takes it) is refused with this server's
+    limit, through Twinkle's API and the Tinker protocol alike."""
+    import tinker
+    from tinker import types
+
+    big = png(size=(1500, 1500))
+    model = TrainingModel("twinkle-tiny-vl", LoraConfig(rank=4, seed=1), backend=backend)
+    tokenizer, processor = model.get_tokenizer(), model.get_image_processor()
+    messages = [{"role": "user", "content": [{"type": "image", "image": big}, {"type": "text", "text": "Colour?"}]},
+                {"role": "assistant", "content": "red"}]
+    datum = supervised_datum(tokenizer, messages, image_processor=processor)
+    with pytest.raises(InvalidInputError) as exc:
+        model.forward([datum]).result()
+    assert exc.value.status_code == 400 and exc.value.field == "data[0].images[0]", exc.value
+    assert "1500 x 1500" in exc.value.message and f"limit of {SMALL_PIXELS}" in exc.value.message, exc.value.message
+    assert np.isfinite(model.forward([supervised_datum(  # the same request with a small image still runs
+        tokenizer, [{**messages[0], "content": [{"type": "image", "image": png()}, messages[0]["content"][1]]},
+                    messages[1]], image_processor=processor)]).result().metrics["loss:sum"])
+
+    service = tinker.ServiceClient(base_url=vl_server.url, api_key=TINKER_KEY)
+    training = service.create_lora_training_client(base_model="twinkle-tiny-vl", rank=4, seed=1).result()
+    chunks = [types.EncodedTextChunk(tokens=[10, 11]), types.ImageChunk(data=big, format="png", expected_tokens=4),
+              types.EncodedTextChunk(tokens=[12])]
+    n = types.ModelInput(chunks=chunks).length
+    with pytest.raises(tinker.BadRequestError) as refused:
+        training.forward([types.Datum(model_input=types.ModelInput(chunks=chunks),
+                                      loss_fn_inputs={"target_tokens": [1] * n})], "cross_entropy").result()
+    assert "1500 x 1500" in str(refused.value) and f"limit of {SMALL_PIXELS}" in str(refused.value), refused.value
+
+
+def test_a_vision_tower_lora_trains_through_twinkle_api(backend, vl_server):
+    """train_vision=True adapts the vision tower too: it trains on images, and a text-only model refuses it."""
+    model = TrainingModel("twinkle-tiny-vl", LoraConfig(rank=4, seed=1, train_vision=True), backend=backend)
+    tokenizer, processor = model.get_tokenizer(), model.get_image_processor()
+    datum = supervised_datum(tokenizer, [
+        {"role": "user", "content": [{"type": "image", "image": png()}, {"type": "text", "text": "Colour?"}]},
+        {"role": "assistant", "content": "red"}], image_processor=processor)
+    first = model.forward_backward([datum]).result().metrics["loss:sum"]
+    model.step(AdamParams(learning_rate=1e-2)).result()
+    assert model.forward([datum]).result().metrics["loss:sum"] < first
+    model.save("vision-tower", with_optimizer=False).result()
+    [config] = [json.loads(p.read_text()) for p in Path(vl_server.state_dir).rglob("vision-tower/adapter_config.json")]
+    assert {"qkv", "linear_fc1"} <= set(config["target_modules"]), config["target_modules"]  # the tower's layers
+    with pytest.raises(InvalidInputError) as exc:
+        TrainingModel("twinkle-tiny", LoraConfig(rank=4, train_vision=True), backend=backend)
+    assert exc.value.field == "lora.train_vision" and "no vision tower" in exc.value.message, exc.value

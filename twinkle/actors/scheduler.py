@@ -34,7 +34,7 @@ from twinkle.actors.telemetry import Telemetry
 from twinkle.actors.work import PASS_METHODS, STEP_METHODS, WorkItem
 from twinkle.api.service import CREATE_MODEL_METHODS, Work
 from twinkle.api.spec import API_METHODS, CreateModelArgs
-from twinkle.config import ModelConfig, QuotasConfig, TimeoutsConfig
+from twinkle.config import LimitsConfig, ModelConfig, QuotasConfig, TimeoutsConfig
 from twinkle.errors import QuotaExceededError, TwinkleError
 from twinkle.ids import is_adhoc_sampler
 from twinkle.store import Store
@@ -50,9 +50,10 @@ class ModelScheduler:
     """Ray actor (async). Create with `spawn_scheduler`; look up with `scheduler_name`."""
 
     def __init__(self, model: dict, state_dir: str, timeouts: dict, trust_remote_code: bool = False,
-                 quotas: dict | None = None) -> None:
+                 quotas: dict | None = None, limits: dict | None = None) -> None:
         logging.basicConfig(level=logging.INFO)
         self.model = ModelConfig.model_validate(model)
+        self.limits = LimitsConfig.model_validate(limits or {})  # the server's (images re-checked in workers)
         self.timeouts = TimeoutsConfig.model_validate(timeouts)
         self.quotas = QuotasConfig.model_validate(quotas or {})
         self.state_dir = Path(state_dir)
@@ -149,7 +150,7 @@ class ModelScheduler:
             max_resident_per_tenant=lambda tenant: self.quotas.of(tenant).max_resident_adapters)
         self._workers = WorkerSupervisor(self.model, str(self.state_dir), self._service, recover=self._recover,
                                          loop=self._loop, rebuild_on=self._threads["train"],
-                                         on_status=self.store.set_model_status)
+                                         on_status=self.store.set_model_status, limits=self.limits)
 
     def _recover(self, model_id: str) -> tuple[Path | None, str]:
         tenant, run_dir = self._paths_of(model_id)
@@ -527,8 +528,10 @@ def scheduler_name(model_name: str) -> str:
 
 
 def spawn_scheduler(model: ModelConfig, state_dir: str, timeouts: TimeoutsConfig, *, trust_remote_code: bool,
-                    namespace: str, quotas: QuotasConfig | None = None):
-    """Create the named, detached scheduler actor of a model on this node (next to the store)."""
+                    namespace: str, quotas: QuotasConfig | None = None, limits: LimitsConfig | None = None):
+    """Create the named, detached scheduler actor of a model on this node (next to the store).
+
+    `limits`: the server's request limits (default: LimitsConfig's); its image limits reach the workers."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -539,4 +542,4 @@ def spawn_scheduler(model: ModelConfig, state_dir: str, timeouts: TimeoutsConfig
         max_concurrency=100_000, get_if_exists=True,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
     ).remote(model.model_dump(), state_dir, timeouts.model_dump(), trust_remote_code,
-             (quotas or QuotasConfig()).model_dump())
+             (quotas or QuotasConfig()).model_dump(), (limits or LimitsConfig()).model_dump())

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 from twinkle.actors import recovery
 from twinkle.api.service import ModelService, RecoverFn
-from twinkle.config import ModelConfig
+from twinkle.config import LimitsConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 class WorkerSupervisor:
     def __init__(self, model: ModelConfig, state_dir: str, service: ModelService, *, recover: RecoverFn,
                  loop: asyncio.AbstractEventLoop, rebuild_on: concurrent.futures.Executor,
-                 on_status: Callable[[str, str], None]) -> None:
+                 on_status: Callable[[str, str], None], limits: LimitsConfig | None = None) -> None:
         self.model = model
+        self.limits = limits or LimitsConfig()  # the server's; the workers re-check images against them
         self.state_dir = state_dir
         self.service = service
         self.recover = recover
@@ -70,13 +71,15 @@ class WorkerSupervisor:
         from twinkle.actors.remote_backend import RayBackend
         from twinkle.actors.workers import ACTOR_CONCURRENCY, BackendWorker
         from twinkle.backends.base import BackendConfig
+        from twinkle.vision import ImageLimits
 
         cfg = self.model
         config = BackendConfig(
             base_model=cfg.source, backend=cfg.backend, state_dir=self.state_dir, dtype=cfg.dtype,
             device=cfg.device, max_lora_rank=cfg.max_lora_rank,
             max_adapters=cfg.max_adapters + (0 if cfg.sampler.backend == "vllm" else cfg.sampler.max_loaded_adapters),
-            micro_batch_tokens=cfg.micro_batch_tokens, num_threads=cfg.num_threads)
+            micro_batch_tokens=cfg.micro_batch_tokens, num_threads=cfg.num_threads,
+            image_limits=ImageLimits.of(self.limits))
         started = time.time()
         if cfg.backend == "megatron":  # one actor per rank, in megatron-core's own virtualenv
             from twinkle.actors.megatron_group import start_megatron_group

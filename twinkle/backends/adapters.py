@@ -19,8 +19,9 @@ import torch
 from twinkle import checkpoint as ckpt
 from twinkle.backends.multi_lora import LoraBank, PassEntry
 from twinkle.errors import ConflictError, InvalidInputError, NotFoundError
-from twinkle.lora import lora_from_peft, peft_config, peft_weight_name, targets_for
+from twinkle.lora import lora_from_peft, peft_config, peft_targets, peft_weight_name, targets_for
 from twinkle.types import AdamParams, CheckpointInfo, LoraConfig, LRSchedule, StepResult, TrainState
+from twinkle.vision import vision_refusal
 
 
 @dataclass
@@ -46,9 +47,12 @@ class Adapter:
 class AdapterTable:
     """Adapters by id on one bank; thread-safe for a training lane and a sampling lane side by side."""
 
-    def __init__(self, bank: LoraBank, layer_kinds: dict[str, str], *, model_path: str, base_model: str) -> None:
+    def __init__(self, bank: LoraBank, layer_kinds: dict[str, str], *, model_path: str, base_model: str,
+                 module_paths: frozenset[str] | None = None) -> None:
         self.bank = bank
         self.layer_kinds = layer_kinds  # adaptable layer path -> kind, in the model's module order
+        # every module path of the base model (as peft sees it), so saved targets select exactly our layers
+        self.module_paths = module_paths if module_paths is not None else frozenset(layer_kinds)
         self.leaf_kinds = {path.rsplit(".", 1)[-1]: kind for path, kind in layer_kinds.items()}
         self.model_path = model_path
         self.base_model = base_model
@@ -73,11 +77,12 @@ class AdapterTable:
             if self.bank.slots_in_use >= self.bank.max_slots - 1:
                 raise InvalidInputError(f"this model already holds {self.bank.max_slots - 1} adapters",
                                         field="model_id")
+            if lora.train_vision and "vision" not in self.layer_kinds.values():
+                raise InvalidInputError(vision_refusal(self.base_model), field="lora_config.train_vision")
             try:
-                leaves = set(targets_for(self.leaf_kinds, lora))
+                layers = tuple(targets_for(self.layer_kinds, lora))
             except ValueError as exc:
                 raise InvalidInputError(str(exc), field="lora_config") from None
-            layers = tuple(sorted(p for p in self.layer_kinds if p.rsplit(".", 1)[-1] in leaves))
             slot = self.bank.allocate(lora.rank)
             with self.bank.lock:
                 params = [torch.nn.Parameter(view) for _, view in self._views(slot, lora.rank, layers)]
@@ -212,7 +217,8 @@ class AdapterTable:
             }
             step = adapter.state.step
         with ckpt.atomic_folder(path, overwrite=overwrite) as tmp:
-            peft_config(self.leaf_kinds, adapter.lora, self.model_path).save_pretrained(str(tmp))
+            peft_config(self.leaf_kinds, adapter.lora, self.model_path,
+                        targets=peft_targets(adapter.layers, self.module_paths)).save_pretrained(str(tmp))
             save_file(weights, str(tmp / ckpt.ADAPTER_WEIGHTS), metadata={"format": "pt"})
             ckpt.write_json(tmp / ckpt.TRAINER_STATE, trainer_state)
             if optimizer is not None:
@@ -239,8 +245,9 @@ class AdapterTable:
             created = False
             if adapter_id in self.adapters:
                 existing = self.adapters[adapter_id].lora
-                if (existing.rank, existing.train_attn, existing.train_mlp, existing.train_unembed) != \
-                        (lora.rank, lora.train_attn, lora.train_mlp, lora.train_unembed):
+                if (existing.rank, existing.train_attn, existing.train_mlp, existing.train_unembed,
+                        existing.train_vision) != \
+                        (lora.rank, lora.train_attn, lora.train_mlp, lora.train_unembed, lora.train_vision):
                     raise InvalidInputError(f"checkpoint has LoRA rank {lora.rank} and targets different from this "
                                             f"model's (rank {existing.rank}); create a new model from it instead",
                                             field="path")
@@ -269,7 +276,7 @@ class AdapterTable:
             raise InvalidInputError(f"adapter {folder.name!r} uses {unsupported or ['bias']}, which Twinkle does not "
                                     "train; use a plain LoRA adapter", field="path")
         saved = ckpt.read_json(folder / ckpt.TRAINER_STATE) if (folder / ckpt.TRAINER_STATE).exists() else {}
-        lora = LoraConfig(**saved["lora"]) if saved.get("lora") else lora_from_peft(peft_cfg, self.leaf_kinds)
+        lora = LoraConfig(**saved["lora"]) if saved.get("lora") else lora_from_peft(peft_cfg, self.layer_kinds)
         if lora.rank > self.bank.max_rank:
             raise InvalidInputError(f"adapter rank {lora.rank} exceeds this model's maximum LoRA rank "
                                     f"{self.bank.max_rank}", field="path")

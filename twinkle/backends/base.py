@@ -26,6 +26,7 @@ import numpy as np
 from twinkle.errors import TwinkleError, error_from_dict
 from twinkle.types import (AdamParams, CheckpointInfo, Datum, ImagePart, LoraConfig, LRSchedule, SamplingParams,
                            TrainState)
+from twinkle.vision import ImageLimits
 
 CustomLoss = Callable[..., object]
 BackendName = Literal["transformers", "megatron"]
@@ -45,6 +46,8 @@ class BackendConfig:
     micro_batch_tokens: int = 8192  # padded tokens per forward pass; bounds activation memory
     default_max_tokens: int = 1024
     num_threads: int | None = None
+    # the server's image limits (`LimitsConfig`), so the worker re-checks images as the ingress did
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
 
 
 # ------------------------------------------------------------------ requests

@@ -17,6 +17,10 @@ Gradients never touch the bank during a pass: a training pass copies its entries
 tensors, backward fills their `.grad`, and `LoraPass.commit` adds the gradients of the requests that
 succeeded into the bank's per-slot gradient buffers. One request's failure therefore leaves every
 adapter as it was, and each tenant's gradients accumulate in its own slot until its optimizer step.
+
+Some layers do not see the batch's rows: a vision tower runs over the patches of all the pass's
+images as one sequence. A pass names those `shared` layers and the one entry (`shared_entry`)
+whose adapter they apply for every row; the backend gives such a pass only images of that entry.
 """
 
 from __future__ import annotations
@@ -204,9 +208,12 @@ class PassEntry:
 class LoraPass:
     """The adapters of one forward (and backward) pass, and which entry each batch row uses."""
 
-    def __init__(self, bank: LoraBank, entries: Sequence[PassEntry], *, train: bool = False) -> None:
+    def __init__(self, bank: LoraBank, entries: Sequence[PassEntry], *, train: bool = False,
+                 shared: frozenset[str] = frozenset(), shared_entry: int | None = None) -> None:
         self.bank = bank
         self.entries = list(entries)
+        self.shared = shared  # layers whose rows are not the batch's rows (a vision tower)
+        self.shared_entry = shared_entry  # the entry those layers apply to all their rows (None: no adapter)
         self.train = train and any(e.trainable for e in self.entries)
         self.layers = frozenset().union(*(e.layers for e in self.entries))
         self._weights: dict[str, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
@@ -255,6 +262,13 @@ class LoraPass:
         if name not in self.layers:
             return out
         weights = self.weights(name)
+        if name in self.shared:
+            pair = weights[self.shared_entry] if self.shared_entry is not None else None
+            if pair is None:
+                return out
+            a, b = pair
+            delta = (x.to(a.dtype) @ a.transpose(0, 1)) @ (b.transpose(0, 1) * self.entries[self.shared_entry].scale)
+            return out + delta.to(out.dtype)
         # split, not slices: the backward of a split is one concatenation, where every slice would
         # back-propagate into a zero-filled copy of the whole batch
         parts = x.split([end - start for _, start, end in self._segments]) if len(self._segments) > 1 else (x,)

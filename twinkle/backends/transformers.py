@@ -23,7 +23,7 @@ from twinkle.backends.adapters import AdapterTable
 from twinkle.backends.base import (BackendConfig, ForwardRequest, Outcome, Outcomes, SampleRequest, SamplingBackend,
                                    StepRequest, TrainingBackend)
 from twinkle.backends.multi_lora import LoraBank, LoraPass, PassEntry, lora_pass, wrap_linear_layers
-from twinkle.backends.vision import VisionInputs, language_layers
+from twinkle.backends.vision import VisionInputs, language_layers, vision_groups, vision_layers
 from twinkle.errors import InvalidInputError, TwinkleError
 from twinkle.losses.custom import call_custom_loss
 from twinkle.losses.functions import LOSS_FUNCTIONS, LossContext
@@ -81,6 +81,8 @@ def target_logprobs(logits: torch.Tensor, lengths: Sequence[int], data: Sequence
 class TransformersBackend(TrainingBackend, SamplingBackend):
     """A base model with resident LoRA adapters in slots; batched training and sampling across them."""
 
+    vision_layers: frozenset[str] = frozenset()  # the vision tower's adaptable layers (none: text-only)
+
     def __init__(self, config: BackendConfig | str, **overrides) -> None:
         if isinstance(config, str):
             config = BackendConfig(base_model=config, **overrides)
@@ -95,13 +97,17 @@ class TransformersBackend(TrainingBackend, SamplingBackend):
         self.vocab_size = vocab_size_of(self.model)
         self.max_context = int(getattr(self.model.config.get_text_config(), "max_position_embeddings", 2048))
         self.eos_token_ids = self._eos_ids()
-        self.vision = VisionInputs.maybe(self.model, self.model_path, self.device)
+        self.vision = VisionInputs.maybe(self.model, self.model_path, self.device, config.image_limits)
         layer_kinds = adaptable_layers(self.model)
+        module_paths = [path for path, _ in self.model.named_modules()]
         if self.vision is not None:
-            layer_kinds = language_layers(layer_kinds)
+            kinds = {**language_layers(layer_kinds), **vision_layers(self.model)}
+            layer_kinds = {path: kinds[path] for path in module_paths if path in kinds}  # the model's order
+            self.vision_layers = frozenset(p for p, kind in layer_kinds.items() if kind == "vision")
         shapes = wrap_linear_layers(self.model, sorted(layer_kinds))
         self.bank = LoraBank(shapes, max_slots=config.max_adapters, max_rank=config.max_lora_rank, device=self.device)
-        self.table = AdapterTable(self.bank, layer_kinds, model_path=self.model_path, base_model=config.base_model)
+        self.table = AdapterTable(self.bank, layer_kinds, model_path=self.model_path, base_model=config.base_model,
+                                  module_paths=frozenset(module_paths))
         self.passes = 0  # shared training passes run so far (counters tests and benchmarks read)
         self.forwards = 0  # forward calls of the base model in those passes (one per micro-batch)
 
@@ -199,8 +205,16 @@ class TransformersBackend(TrainingBackend, SamplingBackend):
             entries.append(BASE_ENTRY if request.adapter_id is None
                            else self.table.get(request.adapter_id).entry(trainable=request.backward))
             planned.append(plan)
-        if planned:
+        if planned and not self.vision_layers:
             self._run_pass(planned, entries)
+        for group in self._vision_groups(planned, entries) if self.vision_layers else []:
+            sub = [entries[planned[i].entry] for i in group]
+            shared = None
+            for k, i in enumerate(group):
+                planned[i].entry = k
+                if planned[i].pixels and sub[k].layers & self.vision_layers:
+                    shared = k
+            self._run_pass([planned[i] for i in group], sub, shared=shared)
         for plan in planned:
             request = plan.request
             if plan.error is not None:
@@ -211,6 +225,14 @@ class TransformersBackend(TrainingBackend, SamplingBackend):
             if request.backward:
                 self._count_progress(request)
         return outcomes
+
+    def _vision_groups(self, planned: list[_Planned], entries: list[PassEntry]) -> list[list[int]]:
+        """The passes these requests run in: one, unless images need different vision-tower adapters
+        (the tower sees all images of a pass as one sequence, so it runs one adapter per pass)."""
+        if not planned:
+            return []
+        keys = [i if entries[p.entry].layers & self.vision_layers else None for i, p in enumerate(planned)]
+        return vision_groups(keys, [bool(p.pixels) for p in planned])
 
     def _plan(self, request: ForwardRequest, entry: int) -> _Planned:
         """Validate a request before it joins a pass; errors here are the request's own."""
@@ -288,9 +310,10 @@ class TransformersBackend(TrainingBackend, SamplingBackend):
         close()
         return batches
 
-    def _run_pass(self, planned: list[_Planned], entries: list[PassEntry]) -> None:
+    def _run_pass(self, planned: list[_Planned], entries: list[PassEntry], shared: int | None = None) -> None:
+        """One shared pass; `shared`: the entry whose vision-tower adapter the pass's images run under."""
         train = any(p.request.backward for p in planned)
-        active = LoraPass(self.bank, entries, train=train)
+        active = LoraPass(self.bank, entries, train=train, shared=self.vision_layers, shared_entry=shared)
         for plan in planned:
             plan.outputs = [None] * len(plan.request.data)
         with lora_pass(active), torch.set_grad_enabled(train):
@@ -380,7 +403,8 @@ class TransformersBackend(TrainingBackend, SamplingBackend):
             accepted.append(request)
         if not accepted:
             return outcomes
-        active = None if all(e is BASE_ENTRY for e in entries) else LoraPass(self.bank, entries)
+        active = None if all(e is BASE_ENTRY for e in entries) else LoraPass(self.bank, entries,
+                                                                             shared=self.vision_layers)
         with lora_pass(active):
             results = sample_batch(
                 self.model, accepted, eos_token_ids=self.eos_token_ids,
@@ -403,7 +427,8 @@ class TransformersBackend(TrainingBackend, SamplingBackend):
 
     def _sample_with_images(self, request: SampleRequest, entry: PassEntry, pixels) -> Outcome:
         """One image prompt's samples (see twinkle/vision_sampling.py for why it runs alone)."""
-        active = None if entry is BASE_ENTRY else LoraPass(self.bank, [entry])
+        active = None if entry is BASE_ENTRY else LoraPass(self.bank, [entry], shared=self.vision_layers,
+                                                           shared_entry=0)
         with lora_pass(active):
             result = sample_with_images(
                 self.model, request, lambda ids: self.vision.forward_kwargs([pixels] * ids.shape[0], ids),

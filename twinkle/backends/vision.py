@@ -7,8 +7,9 @@ count that the ingress computed differently from the processor fails that reques
 
 LoRA: the batched multi-LoRA layers carry over to the language model unchanged (its rows are the
 batch's rows, one adapter per row). The vision tower sees patches of all images of a batch
-concatenated into one sequence, so a per-row adapter is undefined there: the vision tower stays
-frozen and unadapted in this build.
+concatenated into one sequence, so a per-row adapter is undefined there: an adapter created with
+`train_vision` also adapts every linear layer of the tower, and the backend runs a pass's images
+under one adapter only (`vision_groups`), so an image's gradients reach only its own request.
 """
 
 from __future__ import annotations
@@ -31,6 +32,27 @@ def language_layers(layer_kinds: dict[str, str]) -> dict[str, str]:
             if not any(part in VISION_TOWER_NAMES for part in path.split("."))}
 
 
+def vision_layers(model: torch.nn.Module) -> dict[str, str]:
+    """Every linear layer inside the vision tower (patch blocks and mergers): path -> 'vision'."""
+    return {path: "vision" for path, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and any(part in VISION_TOWER_NAMES for part in path.split("."))}
+
+
+def vision_groups(keys: Sequence[int | None], has_images: Sequence[bool]) -> list[list[int]]:
+    """Split a pass's requests so each part's images run the vision tower under one adapter.
+
+    `keys[i]`: the entry whose vision-tower adapter request i's images need (None: the bare tower).
+    Requests with images and different keys go to different parts; text-only requests join the
+    first part. Returns the parts as lists of request indices, in order."""
+    parts: dict[int | None, list[int]] = {}
+    text = []
+    for i, (key, images) in enumerate(zip(keys, has_images)):
+        (parts.setdefault(key, []) if images else text).append(i)
+    groups = list(parts.values()) or [[]]
+    groups[0] = sorted(groups[0] + text)
+    return [g for g in groups if g]
+
+
 class VisionInputs:
     """The image processor of a vision-language model and the forward arguments it produces."""
 
@@ -48,8 +70,10 @@ class VisionInputs:
         self.limits = limits or ImageLimits()
 
     @classmethod
-    def maybe(cls, model, model_path: str, device: torch.device) -> "VisionInputs | None":
-        return cls(model_path, device) if hasattr(model.config, "vision_config") else None
+    def maybe(cls, model, model_path: str, device: torch.device,
+              limits: ImageLimits | None = None) -> "VisionInputs | None":
+        """The model's VisionInputs, checking images against `limits`; None for a text-only model."""
+        return cls(model_path, device, limits) if hasattr(model.config, "vision_config") else None
 
     def encode(self, images: Sequence[ImagePart], field: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixels and grids of one sequence's images, each checked against its declared token count."""

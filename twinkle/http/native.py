@@ -21,7 +21,7 @@ from twinkle.http.context import ServerContext
 from twinkle.paths import check_name
 from twinkle.types import Datum
 from twinkle.validation import check_seq_id, validate_batch, validate_sampling
-from twinkle.vision import ImageLimits, resolve_images
+from twinkle.vision import ImageLimits, resolve_images, vision_refusal
 
 
 class NativeAPI:
@@ -116,6 +116,8 @@ class NativeAPI:
             if method == "create_model" and args.lora.rank > info["max_lora_rank"]:
                 raise InvalidInputError(f"rank {args.lora.rank} exceeds this model's maximum LoRA rank "
                                         f"{info['max_lora_rank']}", field="lora.rank")
+            if method == "create_model" and args.lora.train_vision and not info.get("vision"):
+                raise InvalidInputError(vision_refusal(base_model), field="lora.train_vision")
             seq_id = 0
             record = {"session_id": session_id, "run_dir": ctx.run_dir(target_id)}
         elif method == "create_sampler":

@@ -25,7 +25,8 @@ def _start_schedulers(config_data: dict) -> list[dict]:
     config = ServerConfig.model_validate(config_data)
     Store(Path(config.state_dir) / "twinkle.db")
     handles = [spawn_scheduler(model, config.state_dir, config.timeouts, trust_remote_code=config.trust_remote_code,
-                               namespace=config.ray.namespace, quotas=config.quotas) for model in config.models]
+                               namespace=config.ray.namespace, quotas=config.quotas, limits=config.limits)
+               for model in config.models]
     return ray.get([handle.start.remote() for handle in handles])
 
 

@@ -105,7 +105,7 @@ def start_server(config: ServerConfig, *, on_ray_started=None) -> RunningServer:
     schedulers = {
         model.name: spawn_scheduler(model, str(state_dir), config.timeouts,
                                     trust_remote_code=config.trust_remote_code, namespace=config.ray.namespace,
-                                    quotas=config.quotas)
+                                    quotas=config.quotas, limits=config.limits)
         for model in config.models
     }
     server = RunningServer(config, schedulers, embedded_ray=config.ray.address is None)

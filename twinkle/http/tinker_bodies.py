@@ -33,6 +33,7 @@ class LoraBody(Body):
     train_unembed: bool = True
     train_mlp: bool = True
     train_attn: bool = True
+    train_vision: bool = False  # Twinkle's own: also adapt a vision-language model's vision tower
 
 
 class CreateModelBody(Body):

@@ -27,7 +27,7 @@ from twinkle.http.tinker_futures import future_reply
 from twinkle.paths import check_name
 from twinkle.types import AdamParams, LoraConfig, SeqId
 from twinkle.validation import validate_batch
-from twinkle.vision import ImageLimits, resolve_images
+from twinkle.vision import ImageLimits, resolve_images, vision_refusal
 
 router = APIRouter(prefix="/api/v1")
 
@@ -179,9 +179,12 @@ def _lora(body: LoraBody | None, info: dict) -> LoraConfig:
     if body.rank > info["max_lora_rank"]:
         raise InvalidInputError(f"rank {body.rank} exceeds this model's maximum LoRA rank {info['max_lora_rank']}",
                                 field="lora_config.rank")
+    if body.train_vision and not info.get("vision"):
+        raise InvalidInputError(vision_refusal(info.get("name") or info["base_model"]),
+                                field="lora_config.train_vision")
     try:
         return LoraConfig(rank=body.rank, seed=body.seed, train_attn=body.train_attn, train_mlp=body.train_mlp,
-                          train_unembed=body.train_unembed)
+                          train_unembed=body.train_unembed, train_vision=body.train_vision)
     except ValueError as exc:
         raise _pydantic_error(exc, "lora_config") from None
 
