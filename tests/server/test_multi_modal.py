@@ -315,3 +315,49 @@ def test_train_vision_on_a_text_only_model_is_a_400(vl_server):
     assert "train_vision" in str(error) and "no vision tower" in str(error) and "twinkle-tiny-vl" in str(error), error
     accepted = create("twinkle-tiny-vl")
     assert accepted.status_code == 200, accepted.text
+
+
+def test_a_remote_tinker_client_gets_the_image_processor_from_the_server(vl_server, tmp_path):
+    """A client on another machine (an empty Hugging Face cache, offline) counts an image's tokens with the
+    processor `twinkle.tinker_patch.get_image_processor` fetches from the server, and the server agrees
+    with that count."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+import io, json
+import numpy as np
+from PIL import Image
+from transformers import AutoImageProcessor
+try:
+    AutoImageProcessor.from_pretrained("twinkle-tiny-vl")
+    local = True
+except OSError:
+    local = False
+from twinkle.tinker_patch import get_image_processor, init_tinker_client
+init_tinker_client(base_url={vl_server.url!r}, api_key={KEYS['alice']!r})
+processor = get_image_processor("twinkle-tiny-vl")
+grid = processor(images=[Image.new("RGB", (96, 64), (200, 30, 30))], return_tensors="np")["image_grid_thw"][0]
+print(json.dumps({{"local": local, "tokens": int(np.prod(grid)) // processor.merge_size ** 2}}))
+"""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"),
+           "TWINKLE_TOKENIZER_CACHE": str(tmp_path / "tok"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["local"] is False  # nothing of the model on this "machine": the files came from the server
+    service = tinker.ServiceClient(base_url=vl_server.url, api_key=KEYS["alice"])
+    try:
+        training = service.create_lora_training_client(base_model="twinkle-tiny-vl", rank=4, seed=0).result()
+        image = png((200, 30, 30), size=(96, 64))
+        chunk = types.ImageChunk(data=image, format="png", expected_tokens=seen["tokens"])
+        out = training.forward([types.Datum(model_input=types.ModelInput(chunks=[chunk]),
+                                            loss_fn_inputs={"target_tokens": [0] * seen["tokens"],
+                                                            "weights": [0.0] * seen["tokens"]})],
+                               "cross_entropy").result()
+        assert len(out.loss_fn_outputs[0]["logprobs"].tolist()) == seen["tokens"]  # the server agrees
+    finally:
+        service.close("success").result(timeout=30)

@@ -119,3 +119,24 @@ def init_tinker_client(base_url: str | None = None, api_key: str | None = None, 
     import tinker
 
     return tinker.ServiceClient(base_url=base_url, api_key=api_key, **service_kwargs)
+
+
+def get_image_processor(model_name: str, base_url: str | None = None, api_key: str | None = None):
+    """The image processor of a vision-language model a Twinkle server hosts, to count an image's tokens
+    (`expected_tokens`, and where the image's targets go) as tinker-cookbook's vision renderers do.
+
+    A local folder, or a name in this machine's Hugging Face cache, loads directly; otherwise the files
+    come from the server (`base_url`/`api_key`, default: what `init_tinker_client` was given)."""
+    from transformers import AutoImageProcessor
+
+    if os.path.isdir(model_name):
+        return AutoImageProcessor.from_pretrained(model_name)
+    base_url = base_url or _state["base_url"] or os.environ.get("TINKER_BASE_URL")
+    api_key = api_key or _state["api_key"] or os.environ.get("TINKER_API_KEY")
+    if base_url:
+        folder = _fetch_tokenizer(base_url, api_key, model_name.split(":")[0])
+        if folder:
+            if not (Path(folder) / "preprocessor_config.json").exists():
+                raise ValueError(f"{model_name} is a text-only model on {base_url}: it has no image processor")
+            return AutoImageProcessor.from_pretrained(folder)
+    return AutoImageProcessor.from_pretrained(model_name)
