@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import base64
 import io
-import struct
 import time
-import zlib
 
 import numpy as np
 import pytest
 import requests
 
 from tests.server.conftest import KEYS, start_twinkle_server, stop_twinkle_server
+from tests.server.images import png, png_bomb
 from twinkle.config import ServerConfig
 
 tinker = pytest.importorskip("tinker")
@@ -26,22 +25,6 @@ from tinker import types  # noqa: E402
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 MAX_IMAGES = 4
 LARGE_PIXELS = 32 * 1024 * 1024  # this server's max_image_pixels: twice the default
-
-
-def png(rgb, size=(128, 128)) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", size, rgb).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def png_bomb(width: int, height: int) -> bytes:
-    """A valid PNG header declaring width x height pixels, with a few bytes of (zero) image data."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="module")

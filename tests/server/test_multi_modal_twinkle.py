@@ -7,20 +7,19 @@ three modes (in-process, HTTP, Ray client) against real models; the shared serve
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.server import images
 from tests.server.conftest import start_twinkle_server
+from tests.server.images import png_bomb
 from twinkle import AdamParams, LoraConfig, SamplingParams, TrainingModel
 from twinkle.chat import build_prompt, supervised_datum
 from twinkle.client.backend import RemoteBackend
@@ -39,19 +38,7 @@ RED = (220, 30, 30)
 
 
 def png(rgb=RED, size=(128, 128)) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", size, rgb).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def png_bomb(width: int, height: int) -> bytes:
-    """A valid PNG header declaring width x height pixels, with a few bytes of (zero) image data."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return images.png(rgb, size)
 
 
 @pytest.fixture(scope="module")
