@@ -26,9 +26,35 @@ def request_bytes(data: list, model_id: str = "m") -> int:
     return len(proto if isinstance(proto, bytes) else proto.SerializeToString())
 
 
-def sdk_loop(url: str, batch, vocab_size: int, steps: int = MEASURED_STEPS, then=None) -> dict:
+# What each process of a server is, from its command line (Ray names actor processes `ray::Class`).
+ROLES = (("ray::BackendWorker", "model_worker"), ("ray::ServeReplica", "ingress_replica"),
+         ("ray::ModelScheduler", "scheduler"), ("ray::ServeController", "serve_controller"),
+         ("ray::ProxyActor", "serve_proxy"), ("gcs_server", "ray_gcs"), ("raylet", "ray_raylet"),
+         ("DashboardAgent", "ray_dashboard_agent"), ("log_monitor", "ray_log_monitor"))
+
+
+def cpu_seconds_by_role(server_pid: int) -> dict[str, float]:
+    """CPU seconds used so far by each process of the server started as `server_pid` (its embedded
+    Ray included), by role, and by this process (the SDK client)."""
+    import psutil
+
+    totals: dict[str, float] = {}
+    root = psutil.Process(server_pid)
+    for proc in [psutil.Process(), root, *root.children(recursive=True)]:
+        try:
+            times, command = proc.cpu_times(), " ".join(proc.cmdline())
+        except psutil.Error:
+            continue  # exited meanwhile
+        role = "sdk_client" if proc.pid == psutil.Process().pid else next(
+            (name for marker, name in ROLES if marker in command), "other")
+        totals[role] = totals.get(role, 0.0) + times.user + times.system
+    return totals
+
+
+def sdk_loop(url: str, batch, vocab_size: int, steps: int = MEASURED_STEPS, then=None, cpu=None) -> dict:
     """Pipelined and naive SFT steps and trivial round trips through the unmodified SDK; `then(model_id)`
-    runs before the session closes, its result under "then"."""
+    runs before the session closes, its result under "then"; `cpu()` (CPU seconds by process role) is
+    read around the pipelined steps, for what each process spends per step."""
     import tinker
     from tinker import types
 
@@ -51,11 +77,17 @@ def sdk_loop(url: str, batch, vocab_size: int, steps: int = MEASURED_STEPS, then
     for name, step in (("pipelined", pipelined_step), ("naive", naive_step)):
         times = []
         for i in range(WARMUP_STEPS + steps):
+            if i == WARMUP_STEPS and name == "pipelined" and cpu is not None:
+                before = cpu()
             start = time.perf_counter()
             step()
             if i >= WARMUP_STEPS:
                 times.append(time.perf_counter() - start)
         results[name] = summarize(times)
+        if name == "pipelined" and cpu is not None:
+            after = cpu()
+            results["cpu_ms_per_step"] = {role: round(1000 * (after[role] - before.get(role, 0.0)) / steps, 2)
+                                          for role in sorted(after, key=lambda r: before.get(r, 0.0) - after[r])}
     trivial = []
     for _ in range(20):
         start = time.perf_counter()
@@ -125,6 +157,9 @@ def local_trivial_round_trip(state_dir: str) -> dict:
 
 
 FRONTS = ("direct", "haproxy", "proxy")  # twinkle/http/front.py; the first is the embedded default
+# The default front again with Ray Serve's own controller interval (0.1 s), for the cost of Serve's
+# control loop beside the model (Twinkle's default `serve_control_loop_s` is 1 s).
+SERVE_DEFAULT_LOOP = ("direct (Serve's 0.1 s control loop)", "direct", {"serve_control_loop_s": 0.1})
 OPERATOR_KEY = "ops-bench-key"
 
 
@@ -185,13 +220,17 @@ def _scheduler_figures(url: str) -> dict:
     return {"execute_ms_p50": stats["execute_ms_p50"], "train_passes": stats["train_passes"]}
 
 
-def one_front(front: str, batch, vocab_size: int, state_dir: str, work_dir: str) -> dict:
-    """B1 and B1b through one HTTP front, with the per-hop breakdown of the trivial round trip."""
+def one_front(front: str, batch, vocab_size: int, state_dir: str, work_dir: str, overrides: dict | None = None,
+              folder: str | None = None) -> dict:
+    """B1 and B1b through one HTTP front, with the per-hop breakdown of the trivial round trip and the
+    CPU each of the server's processes spends per pipelined step."""
     config = {"models": [{"name": BENCH_MODEL}], "state_dir": state_dir, "http_front": front,
-              "auth": {"admin_keys": {"ops": OPERATOR_KEY}}}
-    with start_dev_server(Path(work_dir) / f"rpc-{front}", config=config, keys={"bench": BENCH_KEY}) as server:
+              "auth": {"admin_keys": {"ops": OPERATOR_KEY}}, **(overrides or {})}
+    with start_dev_server(Path(work_dir) / f"rpc-{folder or front}", config=config,
+                          keys={"bench": BENCH_KEY}) as server:
         sdk = sdk_loop(server.url, batch, vocab_size, then=lambda model_id: (_scheduler_figures(server.url),
-                                                                 trivial_hops(server.url, model_id)))
+                                                                 trivial_hops(server.url, model_id)),
+                       cpu=lambda: cpu_seconds_by_role(server.process.pid))
         passes, hops = sdk.pop("then")  # the scheduler's figures are read after the SDK's steps
         floor = front_floor(server.url)
     sdk_trivial = sdk["trivial_round_trip"]["p50_s"] * 1000
@@ -216,6 +255,8 @@ def remote_paths(state_dir: str, work_dir: str) -> tuple[dict, dict]:
     gc.collect()
     local_call = local_trivial_round_trip(state_dir)
     fronts = {front: one_front(front, batch, vocab_size, state_dir, work_dir) for front in FRONTS}
+    label, front, overrides = SERVE_DEFAULT_LOOP
+    fronts[label] = one_front(front, batch, vocab_size, state_dir, work_dir, overrides, folder="serve-default-loop")
     with start_dev_server(Path(work_dir) / "rpc-client", config={"models": [{"name": BENCH_MODEL}],
                                                                  "state_dir": state_dir},
                           keys={"bench": BENCH_KEY}) as server:
@@ -251,6 +292,7 @@ def remote_paths(state_dir: str, work_dir: str) -> tuple[dict, dict]:
             "overhead_ms_per_step": (sdk["pipelined"]["p50_s"] - inproc["p50_s"]) * 1000,
             "worker_pass_ms_p50": pass_ms,  # the scheduler's forward_backward batches, worker included
             "worker_ops_ms_p50": result["scheduler"]["execute_ms_p50"].get("ops"),
+            "cpu_ms_per_step": sdk.get("cpu_ms_per_step"),  # by process, over the pipelined steps
             **{k: v for k, v in result.items() if k not in ("sdk", "scheduler")},
             "details": sdk,
         }
@@ -268,6 +310,9 @@ def remote_paths(state_dir: str, work_dir: str) -> tuple[dict, dict]:
         "naive_ratio": default["naive_ratio"],
         "overhead_ms_per_step": default["overhead_ms_per_step"],
         "hops_ms": default["hops_ms"],
+        "cpu_ms_per_step": default["cpu_ms_per_step"],
+        "serve_default_loop": {key: by_front[SERVE_DEFAULT_LOOP[0]][key]
+                               for key in ("ratio", "trivial_forward_ms", "trivial_round_trip_ms", "cpu_ms_per_step")},
         "fronts": by_front,
         "request_bytes_per_token": body / n_tokens,
         "raw_binary_bytes_per_token": raw / n_tokens,
@@ -278,5 +323,7 @@ def remote_paths(state_dir: str, work_dir: str) -> tuple[dict, dict]:
                 "of one 16-token datum through the unmodified SDK (inprocess_trivial_forward_ms: the same in this "
                 "process); trivial_round_trip_ms = an optim_step with nothing to apply; every front, the in-process loop "
                 "and local mode measured in this run on this machine; hops_ms split the trivial round trip "
-                "with the server's Server-Timing header",
+                "with the server's Server-Timing header; cpu_ms_per_step: CPU ms each process of the server (and the "
+                "SDK client) spends per pipelined step; serve_default_loop: the default front with Ray Serve's own "
+                "0.1 s controller interval instead of serve_control_loop_s=1",
     }, client_result

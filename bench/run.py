@@ -65,6 +65,7 @@ def rpc_overhead(state_dir: str) -> dict:
               f"{result['inprocess_step_s'] * 1000:.1f} ms in-process -> ratio {figures['ratio']:.3f}; trivial forward "
               f"{figures['trivial_forward_ms']:.1f} ms (in-process {result['inprocess_trivial_forward_ms']:.1f}); "
               f"empty optim_step {figures['trivial_round_trip_ms']:.1f} ms = {figures['hops_ms']}")
+    print(f"CPU ms per pipelined step by process ({result['front']}): {result['cpu_ms_per_step']}")
     print(f"{result['request_bytes_per_token']:.1f} request bytes/token (raw {result['raw_binary_bytes_per_token']:.0f})")
     write("rpc_overhead", result)
     print(f"Twinkle client via server: {client['http_client_pipelined_step_s'] * 1000:.1f} ms/step -> ratio "

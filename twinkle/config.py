@@ -235,6 +235,10 @@ class ServerConfig(_Strict):
         "listen on every interface), 'proxy' (Ray Serve's proxy actor). Default: direct for one ingress "
         "replica, proxy for more")
     access_log: bool = Field(False, description="log every HTTP request (costs CPU per request)")
+    serve_control_loop_s: float = Field(
+        1.0, gt=0, le=10, description="how often Ray Serve's controller reconciles its deployments (Serve's "
+        "default is 0.1 s; each round asks the GCS for every node's resources, ~5% of a core that the model "
+        "workers need on a small machine). Larger: less CPU, replicas replaced that much later after a crash")
     # the embedded text model, and the embedded vision-language model loaded on first use (start stays fast)
     models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig(name="twinkle-tiny"),
                                                                ModelConfig(name="twinkle-tiny-vl", preload=False)])

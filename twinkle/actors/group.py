@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from twinkle.actors.runtime import REQUEST_PATH_ACTOR_OPTIONS
+
 log = logging.getLogger(__name__)
 
 
@@ -115,7 +117,7 @@ class ActorGroup:
             options: dict[str, Any] = dict(
                 num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
                 scheduling_strategy=strategy_cls(self.placement_group, placement_group_bundle_index=rank),
-                max_concurrency=max_concurrency,
+                max_concurrency=max_concurrency, **REQUEST_PATH_ACTOR_OPTIONS,
             )
             if name:
                 options["name"] = f"{name}-rank{rank}"

@@ -8,6 +8,12 @@ import time
 
 log = logging.getLogger(__name__)
 
+# Options for the actors on the request path (schedulers, model workers). Ray records a task event
+# for every actor call and ships them to the GCS for its state API and dashboard; a training step
+# makes several calls, and on a small machine that bookkeeping competes with the model's cores.
+# Ray Serve turns them off for its own actors the same way.
+REQUEST_PATH_ACTOR_OPTIONS = {"enable_task_events": False}
+
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespace: str = "twinkle",
              temp_dir: str | None = None, object_store_memory: int | None = None, log_to_driver: bool = False) -> None:

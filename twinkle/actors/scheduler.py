@@ -535,11 +535,13 @@ def spawn_scheduler(model: ModelConfig, state_dir: str, timeouts: TimeoutsConfig
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from twinkle.actors.runtime import REQUEST_PATH_ACTOR_OPTIONS
+
     node_id = ray.get_runtime_context().get_node_id()
     actor_cls = ray.remote(ModelScheduler)
     return actor_cls.options(
         name=scheduler_name(model.name), namespace=namespace, lifetime="detached", num_cpus=0,
-        max_concurrency=100_000, get_if_exists=True,
+        max_concurrency=100_000, get_if_exists=True, **REQUEST_PATH_ACTOR_OPTIONS,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
     ).remote(model.model_dump(), state_dir, timeouts.model_dump(), trust_remote_code,
              (quotas or QuotasConfig()).model_dump(), (limits or LimitsConfig()).model_dump())

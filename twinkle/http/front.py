@@ -34,6 +34,7 @@ QUARANTINE_ENV = "RAY_SERVE_PORT_QUARANTINE_S"
 # Serve holds a released replica port back for minutes (so a load balancer stops sending to it). The
 # direct front has exactly one port: a replacement replica (after a crash) must get it back at once.
 QUARANTINE_S = "0"
+CONTROL_LOOP_ENV = "RAY_SERVE_CONTROL_LOOP_INTERVAL_S"  # `serve_control_loop_s` in the server config
 
 
 @dataclass
@@ -44,8 +45,12 @@ class FrontPlan:
     proxy_port: int  # where Serve's proxy (or HAProxy, for `haproxy`) listens
     env: dict[str, str] = field(default_factory=dict)  # for the Serve controller and the ingress replicas
 
-    def controller_options(self) -> dict | None:
-        return {"runtime_env": {"env_vars": dict(self.env)}} if self.env else None
+    def controller_options(self, control_loop_s: float | None = None) -> dict | None:
+        """Serve's controller options: this front's switches, and how often its control loop runs."""
+        env = dict(self.env)
+        if control_loop_s is not None:
+            env[CONTROL_LOOP_ENV] = str(control_loop_s)
+        return {"runtime_env": {"env_vars": env}} if env else None
 
     def replica_runtime_env(self) -> dict:
         return {"env_vars": dict(self.env)} if self.env else {}

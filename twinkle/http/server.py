@@ -120,7 +120,7 @@ def start_server(config: ServerConfig, *, on_ray_started=None) -> RunningServer:
         front = server.front = plan_front(config)
         serve.start(http_options={"host": config.host, "port": front.proxy_port}, proxy_location="HeadOnly",
                     logging_config={"enable_access_log": config.access_log, "log_level": "WARNING"},
-                    controller_options=front.controller_options())
+                    controller_options=front.controller_options(config.serve_control_loop_s))
         node_resource = f"node:{ray.util.get_node_ip_address()}"
         deployment = TwinkleIngress.options(
             num_replicas=config.ingress_replicas,
