@@ -1,4 +1,4 @@
-"""Step time of the megatron backend at TP=1 and TP=2 against the transformers backend, in one run.
+"""Step time of the megatron backend at TP=1, TP=2 and PP=2 against the transformers backend, in one run.
 
 Every backend is a Ray actor group on the same machine (the transformers backend: one BackendWorker;
 megatron: one MegatronWorker per TP rank, in .venv-megatron), one torch thread per rank, the same
@@ -7,7 +7,9 @@ measured steps must agree across backends (a parity check rides along with the t
 
 On a CPU box TP=2 is not a speed-up: two ranks split the same cores, and every layer pays gloo
 collectives (an all-reduce after each row-parallel projection and LoRA delta, the logits gather,
-the LoRA gradient sum). `gloo_overhead` is TP=2's step time over TP=1's.
+the LoRA gradient sum). `gloo_overhead` is TP=2's step time over TP=1's. PP=2 runs its micro-batches
+through the two stages one after another (no overlap), so on CPU it costs TP=1's compute plus the
+activation and gradient sends.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ def run(state_dir: str) -> dict:
         "megatron_tp1": lambda: start_megatron_group(replace(config, backend="megatron"), tensor_parallel=1),
         "megatron_tp2": lambda: start_megatron_group(replace(config, backend="megatron"), tensor_parallel=2,
                                                      cpus_per_rank=0.5),
+        "megatron_pp2": lambda: start_megatron_group(replace(config, backend="megatron"), tensor_parallel=1,
+                                                     pipeline_parallel=2, cpus_per_rank=0.5),
     }
     data = None
     for name, start in starters.items():
@@ -77,10 +81,11 @@ def run(state_dir: str) -> dict:
             backend.shutdown()
         print(f"{name}: {results[name]['p50_s'] * 1000:.1f} ms/step (started in {start_s:.1f}s)")
     ref = np.asarray(results["transformers"]["losses"])
-    for name in ("megatron_tp1", "megatron_tp2"):
+    megatron = ("megatron_tp1", "megatron_tp2", "megatron_pp2")
+    for name in megatron:
         results[name]["max_rel_loss_diff_vs_transformers"] = float(
             np.max(np.abs(np.asarray(results[name]["losses"]) - ref) / np.abs(ref)))
     base = results["transformers"]["p50_s"]
     return {"model": BENCH_MODEL, "batch": [BATCH_SIZE, SEQ_LEN], "lora_rank": LORA_RANK, "backends": results,
-            "ratios_vs_transformers": {n: results[n]["p50_s"] / base for n in ("megatron_tp1", "megatron_tp2")},
+            "ratios_vs_transformers": {n: results[n]["p50_s"] / base for n in megatron},
             "gloo_overhead": results["megatron_tp2"]["p50_s"] / results["megatron_tp1"]["p50_s"]}

@@ -41,7 +41,9 @@ def _check_config(args: argparse.Namespace) -> int:
         print(f"{args.file}: note: this build cannot run it yet: {exc}")
     keys = config.resolved_keys()
     def layout(m) -> str:
-        ranks = f" of TP={m.parallelism.tensor_parallel}: {m.placement()[0]} rank(s)" if m.backend == "megatron" else ""
+        par = m.parallelism
+        ranks = (f" of TP={par.tensor_parallel} x PP={par.pipeline_parallel}: {m.placement()[0]} rank(s)"
+                 if m.backend == "megatron" else "")
         return f"{m.num_workers} worker(s){ranks}"
 
     models = ", ".join(f"{m.name} ({m.backend}, {layout(m)}; {s.describe()})"

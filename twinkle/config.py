@@ -323,14 +323,9 @@ class ServerConfig(_Strict):
 
 
 def _check_megatron_runnable(model: ModelConfig, where: str) -> None:
-    """This build's megatron backend runs tensor parallelism on one replica (no PP, DP, CP, EP, SP)."""
+    """This build's megatron backend runs TP x PP ranks per replica and num_workers replicas (no CP, EP, SP);
+    whether TP and PP fit the model's heads and layers is checked against its config (preflight)."""
     par = model.parallelism
-    if par.pipeline_parallel != 1:
-        raise ValueError(f"{where}.parallelism.pipeline_parallel: the megatron backend runs pipeline_parallel: 1 "
-                         "only in this build; use tensor_parallel for the layout")
-    if model.num_workers != 1:
-        raise ValueError(f"{where}.num_workers: the megatron backend runs one replica (num_workers: 1) in this "
-                         "build; data-parallel megatron replicas are not supported yet")
     for name in ("context_parallel", "expert_parallel"):
         if getattr(par, name) != 1:
             raise ValueError(f"{where}.parallelism.{name}: not supported by the megatron backend yet; set it to 1")

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from twinkle.config import ServerConfig, load_config
+from twinkle.config import ModelConfig, ServerConfig, load_config
 from twinkle.model_source import ModelSource, ModelSourceError, check_model_source
 
 
@@ -113,6 +113,22 @@ def check_models(config: ServerConfig) -> list[ModelSource]:
             sources.append(check_model_source(model.source))
         except ModelSourceError as exc:
             problems.append(f"models[{model.name}]: {exc}" if model.path else str(exc))
+            continue
+        if model.backend == "megatron":
+            problems.extend(_megatron_layout_problems(model, sources[-1]))
     if problems:
         raise PreflightError(problems)
     return sources
+
+
+def _megatron_layout_problems(model: ModelConfig, source: ModelSource) -> list[str]:
+    """TP and PP against the model's heads, MLP and layers, when its config can be read now."""
+    from twinkle.backends.megatron.layout import model_dims, parallel_problems
+
+    folder = source.where if source.kind in ("local", "hub-cached") else None
+    dims = model_dims(model.source, folder)
+    if dims is None:
+        return []
+    par = model.parallelism
+    return [f"models[{model.name}].parallelism: {line}"
+            for line in parallel_problems(dims, par.tensor_parallel, par.pipeline_parallel)]

@@ -48,13 +48,20 @@ def _training_script(backend) -> dict:
 
 @pytest.fixture(scope="module")
 def in_process(state_dir) -> dict:
+    import torch
+
     from twinkle.api.local import LocalBackend
 
+    # a worker computes with every core (workers._worker_threads); so does this reference, whatever
+    # thread count an earlier test left this process with: the same sums in the same order
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
     backend = LocalBackend(state_dir)
     try:
         return _training_script(backend)
     finally:
         backend.close()
+        torch.set_num_threads(threads)
 
 
 def _placement_group_state(ray, pg) -> str:

@@ -35,10 +35,9 @@ def test_megatron_layouts_this_build_cannot_run_are_refused_naming_the_field():
     def megatron(**fields):
         return load_config(None, models=[{"name": "twinkle-tiny", "backend": "megatron", **fields}])
 
-    with pytest.raises(ValueError, match=r"parallelism.pipeline_parallel: .*pipeline_parallel: 1"):
-        megatron(parallelism={"tensor_parallel": 2, "pipeline_parallel": 2}).check_runnable()
-    with pytest.raises(ValueError, match=r"num_workers: .*one replica"):
-        megatron(num_workers=2).check_runnable()
+    pipelined = megatron(num_workers=2, cpus_per_worker=2, parallelism={"tensor_parallel": 2, "pipeline_parallel": 2})
+    pipelined.check_runnable()  # data-parallel replicas of TP x PP run
+    assert pipelined.models[0].placement() == (8, {"CPU": 0.5})
     with pytest.raises(ValueError, match="sequence_parallel"):
         megatron(parallelism={"sequence_parallel": True}).check_runnable()
     with pytest.raises(ValidationError, match=r"gpus_per_worker \(4\).*tensor_parallel x pipeline_parallel = 2"):
@@ -95,3 +94,29 @@ def test_http_front_defaults_to_direct_ingress_and_refuses_what_cannot_work(monk
         ServerConfig(http_front="haproxy").check_secure()
     monkeypatch.setenv("TWINKLE_API_KEYS", "alice:tml-alice-key")
     ServerConfig(http_front="haproxy", ingress_replicas=2).check_secure()
+
+
+def test_megatron_layout_is_checked_against_the_models_heads_and_layers(tmp_path):
+    """What `check-config` and `serve` run first: TP must divide the heads and MLP, PP the layers."""
+    import json
+
+    from twinkle.preflight import PreflightError, check_models
+
+    def megatron(source, tp, pp):
+        return load_config(None, models=[{"name": "m", "path": source, "backend": "megatron",
+                                          "parallelism": {"tensor_parallel": tp, "pipeline_parallel": pp}}])
+
+    check_models(megatron("twinkle-tiny", 2, 4))  # 4 layers, 2 KV heads: fits
+    with pytest.raises(PreflightError) as refused:
+        check_models(megatron("twinkle-tiny", 4, 3))
+    assert refused.value.lines == [
+        "models[m].parallelism: tensor_parallel 4 does not divide this model's 2 KV heads; choose a divisor of 2",
+        "models[m].parallelism: pipeline_parallel 3 does not divide this model's 4 decoder layers; "
+        "choose a divisor of 4"]
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"num_hidden_layers": 6, "num_attention_heads": 8,
+                                                    "num_key_value_heads": 8, "intermediate_size": 64}))
+    check_models(megatron(str(folder), 8, 3))
+    with pytest.raises(PreflightError, match="pipeline_parallel 4 does not divide this model's 6 decoder layers"):
+        check_models(megatron(str(folder), 1, 4))

@@ -1,7 +1,8 @@
 """The megatron-core backend against the transformers backend on twinkle-tiny (CPU, gloo).
 
-Each megatron group is real: Ray actors started with .venv-megatron's interpreter, one per TP rank,
-torch.distributed over gloo, megatron-core's GPTModel loaded from the HF checkpoint. The reference is
+Each megatron group is real: Ray actors started with .venv-megatron's interpreter, one per rank
+(DP x TP x PP), torch.distributed over gloo, megatron-core's GPTModel loaded from the HF checkpoint
+(each pipeline stage its own layers). The reference is
 the transformers backend in this process, with the same weights, adapter seed and data (fp32).
 """
 
@@ -41,19 +42,28 @@ def _datums(seed: int, lengths=(12, 7, 16)) -> list[Datum]:
     return out
 
 
+# name -> (tensor_parallel, pipeline_parallel, data-parallel replicas): 13 ranks, started side by side
+# (each costs ~15 s of CPU importing megatron-core).
+LAYOUTS = {"tp1": (1, 1, 1), "tp2": (2, 1, 1), "pp2": (1, 2, 1), "dp2pp2": (1, 2, 2), "tp2pp2": (2, 2, 1)}
+
+
 @pytest.fixture(scope="module")
 def groups(state_dir):
-    """Megatron groups at TP=1 and TP=2 (started side by side) and the transformers reference."""
+    """Megatron groups of every layout (started side by side) and the transformers reference."""
     from twinkle.actors.megatron_group import start_megatron_group
 
     config = BackendConfig(base_model="twinkle-tiny", state_dir=state_dir, backend="megatron", num_threads=1)
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        starts = {tp: pool.submit(start_megatron_group, config, tensor_parallel=tp, cpus_per_rank=0.5)
-                  for tp in (1, 2)}
-        started = {tp: f.result() for tp, f in starts.items()}
-    reference = make_training_backend(BackendConfig(base_model="twinkle-tiny", state_dir=state_dir, num_threads=1))
+    started = {}
     try:
-        yield {"tp1": started[1], "tp2": started[2], "hf": reference}
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            starts = {name: pool.submit(start_megatron_group, config, tensor_parallel=tp, pipeline_parallel=pp,
+                                        data_parallel=dp, cpus_per_rank=0.5)
+                      for name, (tp, pp, dp) in LAYOUTS.items()}
+            for name, future in starts.items():
+                started[name] = future.result()
+        reference = make_training_backend(BackendConfig(base_model="twinkle-tiny", state_dir=state_dir,
+                                                        num_threads=1))
+        yield {**started, "hf": reference}
     finally:
         for backend in started.values():
             backend.shutdown()
@@ -83,11 +93,12 @@ def _assert_logprobs_close(a, b, tol=LOGPROB_TOL):
         assert np.abs(np.asarray(x) - np.asarray(y)).max() <= tol
 
 
-@pytest.mark.parametrize("tp", ["tp1", "tp2"])
-def test_base_model_logprobs_equal_the_transformers_backend(groups, tp):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_base_model_logprobs_equal_the_transformers_backend(groups, layout):
     data = _datums(0)
-    ours, ref = _forward(groups[tp], None, data), _forward(groups["hf"], None, data)
-    assert groups[tp].info()["tensor_parallel"] == int(tp[-1])
+    ours, ref = _forward(groups[layout], None, data), _forward(groups["hf"], None, data)
+    info = groups[layout].info()
+    assert (info["tensor_parallel"], info["pipeline_parallel"], info["data_parallel"]) == LAYOUTS[layout]
     _assert_logprobs_close(ours, ref)
     assert ours.metrics["loss:sum"] == pytest.approx(ref.metrics["loss:sum"], rel=LOSS_RTOL)
 
@@ -100,6 +111,42 @@ def test_lora_training_at_tp2_equals_tp1_and_the_transformers_backend(groups):
     np.testing.assert_allclose(curves["tp2"], curves["hf"], rtol=LOSS_RTOL)
     probe = _datums(3)
     _assert_logprobs_close(_forward(groups["tp2"], "sft", probe), _forward(groups["hf"], "sft", probe))
+
+
+def test_pipeline_and_data_parallel_training_track_the_transformers_backend(groups):
+    """N SFT steps at PP=2 and DP=2 x PP=2 and TP=2 x PP=2: the losses, gradient norms and the trained
+    adapter's logprobs equal the transformers backend's (fp32). The last batch has one datum, so one
+    data-parallel replica runs an empty shard and still joins the step's gradient sum."""
+    batches = [_datums(1), _datums(2, (9, 20)), _datums(12, (14,))] * 2
+    curves, norms = {}, {}
+    layouts = ["pp2", "dp2pp2", "tp2pp2"]
+    for name in layouts + ["hf"]:
+        backend = groups[name]
+        backend.create_adapter("pipe", LORA, adam=ADAM)
+        curves[name], norms[name] = [], []
+        for batch in batches:
+            curves[name].append(_forward(backend, "pipe", batch, backward=True).metrics["loss:sum"])
+            norms[name].append(backend.optim_step([StepRequest("s", "pipe")])["s"].unwrap().metrics["grad_norm"])
+    assert curves["hf"][-1] < curves["hf"][0] - 1.0  # it trains
+    probe = _datums(3)
+    expected = _forward(groups["hf"], "pipe", probe)
+    for name in layouts:
+        np.testing.assert_allclose(curves[name], curves["hf"], rtol=LOSS_RTOL, err_msg=name)
+        np.testing.assert_allclose(norms[name], norms["hf"], rtol=1e-5, err_msg=name)
+        _assert_logprobs_close(_forward(groups[name], "pipe", probe), expected)
+        assert groups[name].describe("pipe")["train_state"].step == len(batches)
+        ours, ref = groups[name].adapter_weights("pipe"), groups["hf"].adapter_weights("pipe")
+        assert sorted(ours) == sorted(ref)
+        assert max(np.abs(ours[k] - ref[k]).max() for k in ref) <= 1e-5
+
+
+def test_an_adapter_trained_with_pipeline_parallelism_loads_in_the_transformers_backend(groups, tmp_path):
+    probe = _datums(7)
+    _train(groups["pp2"], "pp-export", [_datums(8)] * 3)
+    saved = tmp_path / "from-pp2"
+    groups["pp2"].save("pp-export", str(saved))
+    groups["hf"].load("pp-export", str(saved), with_optimizer=False)
+    _assert_logprobs_close(_forward(groups["hf"], "pp-export", probe), _forward(groups["pp2"], "pp-export", probe))
 
 
 @pytest.mark.parametrize("loss", ["importance_sampling", "ppo"])
@@ -116,17 +163,19 @@ def test_rl_losses_at_ratio_one_give_minus_the_sum_of_advantages(groups, loss):
     assert result.metrics["loss:sum"] == pytest.approx(expected, abs=1e-4)
 
 
-def test_custom_loss_runs_on_megatron_with_the_same_math(groups):
+@pytest.mark.parametrize("layout", ["tp2", "dp2pp2"])  # DP: a coupled loss runs whole on replica 0
+def test_custom_loss_runs_on_megatron_with_the_same_math(groups, layout):
     def weighted_sum(logprobs, inputs):  # pickled by value into the workers
         return -sum((lp * inp["weights"]).sum() for lp, inp in zip(logprobs, inputs)) * 0.5
 
     data = _datums(6)
-    for name in ("tp2", "hf"):
-        groups[name].create_adapter("custom", LORA, adam=ADAM)
-    ours = _forward(groups["tp2"], "custom", data, loss=weighted_sum, backward=True)
-    ref = _forward(groups["hf"], "custom", data, loss=weighted_sum, backward=True)
+    adapter = f"custom-{layout}"
+    for name in (layout, "hf"):
+        groups[name].create_adapter(adapter, LORA, adam=ADAM)
+    ours = _forward(groups[layout], adapter, data, loss=weighted_sum, backward=True)
+    ref = _forward(groups["hf"], adapter, data, loss=weighted_sum, backward=True)
     assert ours.metrics["loss:sum"] == pytest.approx(ref.metrics["loss:sum"], rel=LOSS_RTOL)
-    steps = [groups[n].optim_step([StepRequest("s", "custom")])["s"].unwrap() for n in ("tp2", "hf")]
+    steps = [groups[n].optim_step([StepRequest("s", adapter)])["s"].unwrap() for n in (layout, "hf")]
     assert steps[0].metrics["grad_norm"] == pytest.approx(steps[1].metrics["grad_norm"], rel=1e-5)
 
 

@@ -117,6 +117,18 @@ def test_check_config_refuses_an_unknown_model(tmp_path):
     assert rc == 1 and "has no config.json" in one_line(err)
 
 
+def test_check_config_checks_a_megatron_layout_against_the_model(tmp_path):
+    cfg = tmp_path / "megatron.yaml"
+    layout = "models:\n  - name: twinkle-tiny\n    backend: megatron\n    num_workers: {dp}\n    parallelism: {par}\n"
+    cfg.write_text(layout.format(dp=1, par="{pipeline_parallel: 3}"))
+    rc, _, err, _ = run_cli("check-config", str(cfg))
+    line = one_line(err)
+    assert rc == 1 and "models[twinkle-tiny].parallelism: pipeline_parallel 3" in line and "divisor of 4" in line
+    cfg.write_text(layout.format(dp=2, par="{tensor_parallel: 2, pipeline_parallel: 2}"))
+    rc, out, err, _ = run_cli("check-config", str(cfg))
+    assert rc == 0 and "TP=2 x PP=2: 8 rank(s)" in out and "cannot run" not in out, out + err
+
+
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> Path:
     from twinkle.tiny import build_builtin_model

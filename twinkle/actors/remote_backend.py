@@ -95,21 +95,7 @@ class RayBackend(TrainingBackend, SamplingBackend):
         n = self.group.num_workers
         if n == 1:
             return self._first("forward_backward", list(requests))
-        per_rank: list[list[ForwardRequest]] = [[] for _ in range(n)]
-        rejected: Outcomes = {}
-        for request in requests:
-            separable = isinstance(request.loss, str) and request.loss in LOSS_SPECS and LOSS_SPECS[request.loss].separable
-            if not separable or len(request.data) < n:
-                per_rank[0].append(request)
-                continue
-            try:  # a bad datum must fail the whole request, not just the shard holding it
-                validate_batch(request.data, request.loss, request.loss_config, self._info["vocab_size"])
-            except TwinkleError as exc:
-                rejected[request.request_id] = Outcome.failure(exc)
-                continue
-            progress = (len(request.data), request.num_tokens)  # every rank counts the whole batch
-            for rank, part in enumerate(_shards(list(request.data), n)):
-                per_rank[rank].append(replace(request, data=part, progress=progress))
+        per_rank, rejected = split_data_parallel(requests, n, self._info["vocab_size"])
         answers = _wait(self.group.call_sharded("call", [(("forward_backward", batch), {})
                                                                 for batch in per_rank]))
         return {request.request_id: rejected.get(request.request_id) or _merge(request.request_id, per_rank, answers)
@@ -123,6 +109,31 @@ class RayBackend(TrainingBackend, SamplingBackend):
 
     def shutdown(self) -> None:
         self.group.shutdown()
+
+
+def split_data_parallel(requests: Sequence[ForwardRequest], n: int,
+                        vocab_size: int) -> tuple[list[list[ForwardRequest]], Outcomes]:
+    """Each of `n` data-parallel ranks' requests, and the requests refused before any rank ran them.
+
+    A separable loss's data is sharded over the ranks (each shard counts the whole batch's progress);
+    a loss that couples its datums, or a batch with fewer datums than ranks, runs whole on rank 0
+    (the others add zero gradient). A rank may get none; it still joins the step's gradient sum."""
+    per_rank: list[list[ForwardRequest]] = [[] for _ in range(n)]
+    rejected: Outcomes = {}
+    for request in requests:
+        separable = isinstance(request.loss, str) and request.loss in LOSS_SPECS and LOSS_SPECS[request.loss].separable
+        if not separable or len(request.data) < n:
+            per_rank[0].append(request)
+            continue
+        try:  # a bad datum must fail the whole request, not just the shard holding it
+            validate_batch(request.data, request.loss, request.loss_config, vocab_size)
+        except TwinkleError as exc:
+            rejected[request.request_id] = Outcome.failure(exc)
+            continue
+        progress = (len(request.data), request.num_tokens)  # every rank counts the whole batch
+        for rank, part in enumerate(_shards(list(request.data), n)):
+            per_rank[rank].append(replace(request, data=part, progress=progress))
+    return per_rank, rejected
 
 
 def _merge(request_id: str, per_rank: list[list[ForwardRequest]], answers: list[Outcomes]) -> Outcome:

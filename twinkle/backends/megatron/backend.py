@@ -1,15 +1,23 @@
-"""The megatron-core training backend: one TP rank of a GPTModel with many LoRA adapters.
+"""The megatron-core training backend: one TP x PP rank of a GPTModel with many LoRA adapters.
 
-Every rank of a tensor-parallel group builds this backend and runs the same calls in the same order
-(the actor layer sends each call to all ranks); the collectives inside megatron's layers and the
-LoRA layers keep the ranks in step. The base model comes from a Hugging Face Qwen3/Llama folder
-(`convert`); adapters, their optimizers and checkpoints are the transformers backend's adapter table
+Every rank of a model-parallel group (TP x PP ranks of one data-parallel replica) builds this backend
+and runs the same calls in the same order (the actor layer sends each call to all of the replica's
+ranks); the collectives inside megatron's layers and the LoRA layers keep the ranks in step. The
+base model comes from a Hugging Face Qwen3/Llama folder (`convert`); adapters, their optimizers and checkpoints are the transformers backend's adapter table
 and LoRA bank, keyed by PEFT's per-projection names, so checkpoints move freely between backends.
 
 Planning, micro-batching, the loss math (twinkle/losses) and gradient commits are inherited from
 `TransformersBackend`; this class supplies the model and its per-token logprobs. Requests of many
 adapters share one pass (rows in segments by adapter), as in the transformers backend.
-Pipeline parallelism is not supported yet (refused at start).
+
+Pipeline parallelism: each stage builds its part of GPTModel (megatron's even layer split) and loads
+only its weights. A pass runs its micro-batches one after another through the stages (`pipeline`:
+hidden states forward, their gradients back; no 1F1B overlap); the last stage computes the logprobs,
+the losses and the outcome. Every rank holds every adapter's full A and B: after each pass the LoRA
+gradients are summed over TP x PP (zeros for layers a rank does not run), so every rank commits,
+steps and saves the same adapters. Data-parallel replicas (world = DP x TP x PP) each run a shard
+of the data; their gradients are summed over the DP group at `optim_step`, as the transformers
+backend's data-parallel workers do.
 """
 
 from __future__ import annotations
@@ -25,8 +33,9 @@ import numpy as np
 import torch
 
 from twinkle.backends.adapters import AdapterTable
-from twinkle.backends.base import BackendConfig, Outcome, Outcomes, SampleRequest
+from twinkle.backends.base import BackendConfig, Outcome, Outcomes, SampleRequest, StepRequest
 from twinkle.backends.megatron import convert
+from twinkle.backends.megatron.pipeline import StageLink
 from twinkle.backends.megatron.tp_lora import reduce_gradients, wrap_gpt_model
 from twinkle.backends.multi_lora import LoraBank, LoraPass, PassEntry, lora_pass
 from twinkle.backends.transformers import TransformersBackend, _Planned, resolve_device, target_logprobs
@@ -35,9 +44,9 @@ from twinkle.lora import adaptable_layers
 from twinkle.modeling import load_tokenizer, resolve_model_path, torch_dtype
 
 
-def ensure_model_parallel(tensor_parallel: int = 1, device: str = "cpu") -> None:
+def ensure_model_parallel(tensor_parallel: int = 1, device: str = "cpu", pipeline_parallel: int = 1) -> None:
     """torch.distributed and megatron's parallel state; a one-rank group when nothing set them up
-    (local mode). Workers of a TP group initialise both before building the backend."""
+    (local mode). Workers of a TP x PP x DP group initialise both before building the backend."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -48,7 +57,8 @@ def ensure_model_parallel(tensor_parallel: int = 1, device: str = "cpu") -> None
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
                                 init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
+                                                 pipeline_model_parallel_size=pipeline_parallel)
 
 
 def _hf_layers(model_path: str) -> tuple[dict[str, str], dict[str, tuple[int, int]]]:
@@ -64,7 +74,7 @@ def _hf_layers(model_path: str) -> tuple[dict[str, str], dict[str, tuple[int, in
 
 
 class MegatronBackend(TransformersBackend):
-    """A TP rank of megatron-core's GPTModel; adapters and losses shared with the transformers backend."""
+    """A TP x PP rank of megatron-core's GPTModel; adapters and losses shared with the transformers backend."""
 
     def __init__(self, config: BackendConfig | str, **overrides) -> None:
         # not super().__init__(): that loads the HF model; this builds megatron's and sets the same attributes
@@ -79,8 +89,10 @@ class MegatronBackend(TransformersBackend):
 
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            raise ValueError("the megatron backend does not run pipeline parallelism yet; set pipeline_parallel: 1")
+        self.pp = parallel_state.get_pipeline_model_parallel_world_size()
+        self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        self.dp = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
         self.on_cpu = not config.device.startswith("cuda")
         if self.on_cpu:
             from twinkle.backends.megatron.cpu_shims import apply_cpu_shims
@@ -94,16 +106,22 @@ class MegatronBackend(TransformersBackend):
         self.model_path = resolve_model_path(config.base_model, config.state_dir)
         self.tokenizer = load_tokenizer(self.model_path)
         self.shape = convert.HfShape.read(self.model_path)
-        self.shape.check_tp(self.tp)
+        self.shape.check_parallel(self.tp, self.pp)
         dtype = torch_dtype(config.dtype)
-        self.model = convert.build_gpt_model(self.shape, self.tp, dtype, self.on_cpu)
+        self.model = convert.build_gpt_model(self.shape, self.tp, dtype, self.on_cpu, self.pp, self.pp_rank)
+        held = [layer.layer_number - 1 for layer in self.model.decoder.layers]
+        if held != list(self.shape.stage_layers(self.pp, self.pp_rank)):
+            raise RuntimeError(f"megatron placed layers {held} on pipeline stage {self.pp_rank}; the checkpoint "
+                               f"mapping expects {list(self.shape.stage_layers(self.pp, self.pp_rank))}")
         convert.load_into(self.model, convert.megatron_shard(convert.read_hf_weights(self.model_path), self.shape,
-                                                             self.tp, self.tp_rank))
+                                                             self.tp, self.tp_rank, self.pp, self.pp_rank))
         self.model.to(config.device)
         self.model.eval()
         for param in self.model.parameters():
             param.requires_grad_(False)
         self.device = torch.device(config.device)
+        self.link = StageLink(self.device, dtype) if self.pp > 1 else None
+        self._received: torch.Tensor | None = None  # this micro-batch's input from the previous stage
         self.vocab_size = self.shape.vocab
         self.max_context = self.shape.max_positions
         self.eos_token_ids = self._eos_ids()
@@ -123,13 +141,30 @@ class MegatronBackend(TransformersBackend):
         return [int(i) for i in ids if i is not None]
 
     def info(self) -> dict:
-        return {**super().info(), "arch": f"megatron-core GPTModel ({self.shape.model_type}, TP={self.tp})",
-                "tensor_parallel": self.tp}
+        return {**super().info(), "arch": f"megatron-core GPTModel ({self.shape.model_type}, TP={self.tp}, "
+                f"PP={self.pp}, DP={self.dp})", "tensor_parallel": self.tp, "pipeline_parallel": self.pp,
+                "data_parallel": self.dp}
+
+    def coordinates(self) -> dict[str, int]:
+        """This rank's place in the group (which ranks answer for a replica is read from it)."""
+        return {"tp_rank": self.tp_rank, "pp_rank": self.pp_rank, "dp_rank": self.dp_rank}
 
     # ------------------------------------------------------------ training
+    def optim_step(self, requests: Sequence[StepRequest]) -> Outcomes:
+        """With data-parallel replicas, first sum the stepped adapters' gradients over the DP group
+        (each replica ran a shard of the data); then every rank takes the same step."""
+        if self.dp > 1:
+            import torch.distributed as dist
+            from megatron.core import parallel_state
+
+            group = parallel_state.get_data_parallel_group()
+            self.sync_gradients([r.adapter_id for r in requests], lambda t: dist.all_reduce(t, group=group))
+        return super().optim_step(requests)
+
     def _run_pass(self, planned: list[_Planned], entries: list[PassEntry]) -> None:
-        """The transformers backend's pass, plus: sum the LoRA gradients over the TP group before
-        they are committed, so every rank's slots hold the full gradient."""
+        """The transformers backend's pass, plus: sum the LoRA gradients over TP x PP before they are
+        committed, so every rank's slots hold the full gradient. Every rank reduces the same list:
+        each trainable entry's (A, B) of every layer of the pass, zeros where this rank ran none."""
         train = any(p.request.backward for p in planned)
         active = LoraPass(self.bank, entries, train=train)
         for plan in planned:
@@ -139,18 +174,74 @@ class MegatronBackend(TransformersBackend):
                 self._run_micro_batch(active, batch)
         self.passes += 1
         if active.train:
-            grads = [t.grad for name in sorted(active.layers) for pair in active.weights(name) if pair is not None
-                     for t in pair if t.grad is not None]
-            if grads:
-                reduce_gradients(grads)
+            grads = []
+            for name in sorted(active.layers):
+                for entry, pair in zip(active.entries, active.weights(name)):
+                    if pair is None or not entry.trainable:
+                        continue
+                    for t in pair:
+                        if t.grad is None:
+                            t.grad = torch.zeros_like(t)
+                        grads.append(t.grad)
+            reduce_gradients(grads)
         slots = active.commit([p.error is None and p.request.backward for p in planned])
         with self.table.lock:
             for adapter in self.table.adapters.values():
                 if adapter.slot in slots:
                     adapter.has_grads = True
 
-    def _target_logprobs(self, data, pixels: list | None = None) -> list[torch.Tensor]:
-        """Log-probabilities of each datum's target tokens from the full-vocab (gathered) logits."""
+    def _run_micro_batch(self, active: LoraPass, batch: list[tuple[_Planned, list[int]]]) -> None:
+        """One micro-batch through the pipeline (the plain pass without PP). The last stage runs the
+        inherited micro-batch (its `_target_logprobs` receives the hidden states; loss, outputs,
+        backward); the other stages run their layers and pass hidden states on and gradients back.
+        Then every stage takes the last stage's verdict on which requests failed."""
+        if self.link is None:
+            return super()._run_micro_batch(active, batch)
+        live = [(plan, idx) for plan, idx in batch if plan.error is None]
+        if not live:
+            return
+        if self.link.last:
+            self._received = None
+            super()._run_micro_batch(active, batch)
+            if active.train and self._received is not None:
+                self.link.send_backward(self._received)
+            self._received = None
+        else:
+            self._run_stage(active, [plan.request.data[i] for plan, idx in live for i in idx],
+                            [plan.entry for plan, idx in live for _ in idx])
+            for plan, idx in live:  # the outputs live on the last stage, which answers
+                for i in idx:
+                    plan.outputs[i] = {}
+        errors = self.link.share([plan.error for plan, _ in live])
+        for (plan, _), error in zip(live, errors):
+            plan.error = error
+
+    def _run_stage(self, active: LoraPass, data, entry_of_row: list[int]) -> None:
+        """A first or middle stage's part of a micro-batch."""
+        active.set_rows(entry_of_row)
+        ids, positions, mask = self._inputs(data)
+        shape = (ids.shape[1], ids.shape[0], self.shape.hidden)  # megatron is sequence-first
+        received = self._receive(shape, active.train)
+        hidden = self.model(ids, positions, mask)
+        self.forwards += 1
+        self.link.send_forward(hidden)
+        if active.train:
+            grad = self.link.recv_backward(shape)
+            if hidden.requires_grad:
+                torch.autograd.backward(hidden, grad)
+            if received is not None:
+                self.link.send_backward(received)
+
+    def _receive(self, shape: tuple[int, ...], train: bool) -> torch.Tensor | None:
+        """The previous stage's hidden states, set as this stage's input (None on the first stage)."""
+        if self.link is None or self.link.first:
+            return None
+        received = self.link.recv_forward(shape).requires_grad_(train)
+        self.model.set_input_tensor(received)
+        return received
+
+    def _inputs(self, data) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Right-padded token ids, positions and (on CPU) the explicit causal mask of a micro-batch."""
         lengths = [len(d.input_tokens) for d in data]
         longest = max(lengths)
         pad = self.tokenizer.pad_token_id or 0
@@ -163,8 +254,15 @@ class MegatronBackend(TransformersBackend):
             from twinkle.backends.megatron.cpu_shims import causal_mask
 
             mask = causal_mask(longest)
-        logits = self.model(ids.to(self.device), positions, mask)[..., : self.vocab_size].float()
-        return target_logprobs(logits, lengths, data)
+        return ids.to(self.device), positions, mask
+
+    def _target_logprobs(self, data, pixels: list | None = None) -> list[torch.Tensor]:
+        """Log-probabilities of each datum's target tokens from the full-vocab (gathered) logits
+        (on the last pipeline stage, from the hidden states the previous stage sends)."""
+        ids, positions, mask = self._inputs(data)
+        self._received = self._receive((ids.shape[1], ids.shape[0], self.shape.hidden), torch.is_grad_enabled())
+        logits = self.model(ids, positions, mask)[..., : self.vocab_size].float()
+        return target_logprobs(logits, [len(d.input_tokens) for d in data], data)
 
     # ------------------------------------------------------------ sampling
     def sample(self, requests: Sequence[SampleRequest]) -> Outcomes:

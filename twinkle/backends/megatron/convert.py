@@ -1,4 +1,4 @@
-"""Hugging Face Qwen3 / Llama checkpoints into megatron-core's GPTModel, sharded for one TP rank.
+"""Hugging Face Qwen3 / Llama checkpoints into megatron-core's GPTModel, sharded for one TP x PP rank.
 
 Layouts (megatron-core, local layer spec):
 - `linear_qkv` (column-parallel) fuses q, k and v per query group: for each KV group its query
@@ -7,7 +7,10 @@ Layouts (megatron-core, local layer spec):
 - `linear_proj` and `linear_fc2` (row-parallel) hold a column slice of o_proj / down_proj.
 - Word embeddings and the output layer are vocab-parallel (rows), the vocab padded to a multiple
   of the TP size; logits beyond the real vocab are dropped.
-Norms are replicated. The base model stays frozen, so nothing is converted back: adapters are
+Norms are replicated. With pipeline parallelism each stage holds an even run of decoder layers
+(HF layer i sits on stage i // (layers / PP) as local layer i % (layers / PP), megatron's default
+layer offsets); the first stage adds the embedding, the last the final norm and output layer.
+The base model stays frozen, so nothing is converted back: adapters are
 saved in PEFT's per-projection names by the adapter table.
 """
 
@@ -19,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from twinkle.backends.megatron.layout import Dims, parallel_problems
 
 SUPPORTED = ("qwen3", "qwen2", "llama", "mistral")
 
@@ -66,15 +71,20 @@ class HfShape:
     def padded_vocab(self, tp: int) -> int:
         return -(-self.vocab // tp) * tp
 
-    def check_tp(self, tp: int) -> None:
-        """Refuse a TP size that does not divide the heads, groups and MLP."""
-        for what, n in (("KV heads", self.groups), ("attention heads", self.heads), ("intermediate size", self.ffn)):
-            if n % tp:
-                raise ValueError(f"tensor_parallel {tp} does not divide this model's {n} {what}; "
-                                 f"choose a divisor of {n}")
+    def check_parallel(self, tp: int, pp: int) -> None:
+        """Refuse a TP size that does not divide the heads, groups and MLP, or a PP size that does
+        not split the decoder layers evenly."""
+        problems = parallel_problems(Dims(self.num_layers, self.heads, self.groups, self.ffn), tp, pp)
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def stage_layers(self, pp: int, pp_rank: int) -> range:
+        """The HF decoder layers pipeline stage `pp_rank` holds (an even split, in order)."""
+        per = self.num_layers // pp
+        return range(pp_rank * per, (pp_rank + 1) * per)
 
 
-def transformer_config(shape: HfShape, tp: int, dtype: torch.dtype, on_cpu: bool):
+def transformer_config(shape: HfShape, tp: int, dtype: torch.dtype, on_cpu: bool, pp: int = 1):
     """megatron-core's TransformerConfig for the HF model (fusions off, dropout 0: the same math as HF)."""
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -84,7 +94,8 @@ def transformer_config(shape: HfShape, tp: int, dtype: torch.dtype, on_cpu: bool
         num_query_groups=shape.groups, kv_channels=shape.head_dim, ffn_hidden_size=shape.ffn,
         normalization="RMSNorm", layernorm_epsilon=shape.eps, gated_linear_unit=True, activation_func=F.silu,
         add_bias_linear=False, add_qkv_bias=shape.qkv_bias, qk_layernorm=shape.qk_norm,
-        hidden_dropout=0.0, attention_dropout=0.0, tensor_model_parallel_size=tp, pipeline_model_parallel_size=1,
+        hidden_dropout=0.0, attention_dropout=0.0, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        pipeline_dtype=dtype if pp > 1 else None,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         use_cpu_initialization=on_cpu, perform_initialization=False,
         bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
@@ -93,15 +104,16 @@ def transformer_config(shape: HfShape, tp: int, dtype: torch.dtype, on_cpu: bool
     )
 
 
-def build_gpt_model(shape: HfShape, tp: int, dtype: torch.dtype, on_cpu: bool):
-    """An (uninitialised) GPTModel shaped like the HF model, with the local (non-TE) layer spec."""
+def build_gpt_model(shape: HfShape, tp: int, dtype: torch.dtype, on_cpu: bool, pp: int = 1, pp_rank: int = 0):
+    """An (uninitialised) GPTModel shaped like the HF model, with the local (non-TE) layer spec; with
+    PP > 1 only stage `pp_rank`'s part (megatron places the layers by its pipeline rank)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     spec = get_gpt_layer_local_spec(qk_layernorm=shape.qk_norm, normalization="RMSNorm")
-    return GPTModel(config=transformer_config(shape, tp, dtype, on_cpu), transformer_layer_spec=spec,
+    return GPTModel(config=transformer_config(shape, tp, dtype, on_cpu, pp), transformer_layer_spec=spec,
                     vocab_size=shape.padded_vocab(tp), max_sequence_length=shape.max_positions,
-                    pre_process=True, post_process=True, parallel_output=False,
+                    pre_process=pp_rank == 0, post_process=pp_rank == pp - 1, parallel_output=False,
                     share_embeddings_and_output_weights=shape.tied, position_embedding_type="rope",
                     rotary_base=int(shape.rope_theta) if float(shape.rope_theta).is_integer() else shape.rope_theta)
 
@@ -158,14 +170,17 @@ def _pad_vocab(t: torch.Tensor, padded: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros((padded - t.shape[0], *t.shape[1:]))])
 
 
-def megatron_shard(hf: Mapping[str, torch.Tensor], shape: HfShape, tp: int, rank: int) -> dict[str, torch.Tensor]:
-    """This TP rank's GPTModel state dict from the HF weights."""
+def megatron_shard(hf: Mapping[str, torch.Tensor], shape: HfShape, tp: int, rank: int, pp: int = 1,
+                   pp_rank: int = 0) -> dict[str, torch.Tensor]:
+    """This TP x PP rank's GPTModel state dict from the HF weights (only its stage's tensors are read)."""
     out: dict[str, torch.Tensor] = {}
     padded = shape.padded_vocab(tp)
-    embed = _pad_vocab(hf["model.embed_tokens.weight"], padded)
-    out["embedding.word_embeddings.weight"] = _rows(embed, tp, rank)
-    for i in range(shape.num_layers):
-        src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
+    first, last = pp_rank == 0, pp_rank == pp - 1
+    if first:
+        out["embedding.word_embeddings.weight"] = _rows(_pad_vocab(hf["model.embed_tokens.weight"], padded), tp, rank)
+    layers = shape.stage_layers(pp, pp_rank)
+    for i in layers:
+        src, dst = f"model.layers.{i}.", f"decoder.layers.{i - layers.start}."
         attn = src + "self_attn."
         out[dst + "input_layernorm.weight"] = hf[src + "input_layernorm.weight"]
         qkv = fused_qkv(hf[attn + "q_proj.weight"], hf[attn + "k_proj.weight"], hf[attn + "v_proj.weight"], shape)
@@ -182,9 +197,12 @@ def megatron_shard(hf: Mapping[str, torch.Tensor], shape: HfShape, tp: int, rank
         out[dst + "mlp.linear_fc1.weight"] = torch.cat([_rows(hf[mlp + "gate_proj.weight"], tp, rank),
                                                         _rows(hf[mlp + "up_proj.weight"], tp, rank)])
         out[dst + "mlp.linear_fc2.weight"] = _cols(hf[mlp + "down_proj.weight"], tp, rank)
-    out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
-    if not shape.tied:
-        out["output_layer.weight"] = _rows(_pad_vocab(hf["lm_head.weight"], padded), tp, rank)
+    if last:
+        out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
+        if not shape.tied:
+            out["output_layer.weight"] = _rows(_pad_vocab(hf["lm_head.weight"], padded), tp, rank)
+        elif not first:  # tied, on a stage of its own: the output layer holds a copy of the embedding
+            out["output_layer.weight"] = _rows(_pad_vocab(hf["model.embed_tokens.weight"], padded), tp, rank)
     return out
 
 

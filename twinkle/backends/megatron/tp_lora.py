@@ -15,8 +15,9 @@ shape; each TP rank computes with its shard of them:
 
 Every rank holds the adapter's full A and B (so the optimizer and checkpoints are the adapter
 table's, unchanged) but computes only with its shard, so each rank's gradient is its shard's part
-and zero elsewhere: summing the gradients over the TP group (`TpLoraModel.reduce_gradients`
-before each optimizer step) gives exactly the single-device gradient.
+and zero elsewhere: summing the gradients over the TP group (`reduce_gradients`, after each pass)
+gives exactly the single-device gradient. With pipeline parallelism a stage wraps only its own
+layers (HF names from megatron's global layer numbers); the same sum over TP x PP fills in the rest.
 Rows run in segments by adapter, batch dimension 1 (megatron is sequence-first).
 """
 
@@ -104,8 +105,8 @@ def _fuse_qkv_last(parts: list[torch.Tensor], shape: HfShape, tp: int) -> torch.
 
 def wrap_gpt_model(model: nn.Module, shape: HfShape, tp: int, rank: int, adaptable: dict[str, str]) -> None:
     """Wrap the GPTModel's adaptable linear layers; `adaptable` are the HF layer paths (-> kind)."""
-    for i, layer in enumerate(model.decoder.layers):
-        hf = f"model.layers.{i}."
+    for layer in model.decoder.layers:
+        hf = f"model.layers.{layer.layer_number - 1}."  # megatron numbers layers globally from 1 (PP offsets)
         attn, mlp = layer.self_attention, layer.mlp
         attn.linear_qkv = TpLoraLayer(attn.linear_qkv, "qkv", [hf + f"self_attn.{p}_proj" for p in "qkv"],
                                       shape, tp, rank)
@@ -113,17 +114,19 @@ def wrap_gpt_model(model: nn.Module, shape: HfShape, tp: int, rank: int, adaptab
         mlp.linear_fc1 = TpLoraLayer(mlp.linear_fc1, "fc1", [hf + "mlp.gate_proj", hf + "mlp.up_proj"],
                                      shape, tp, rank)
         mlp.linear_fc2 = TpLoraLayer(mlp.linear_fc2, "row", [hf + "mlp.down_proj"], shape, tp, rank)
-    if "lm_head" in adaptable:
+    if "lm_head" in adaptable and getattr(model, "post_process", True):  # the last pipeline stage
         model.output_layer = TpLoraLayer(model.output_layer, "unembed", ["lm_head"], shape, tp, rank)
 
 
 def reduce_gradients(grads: list[torch.Tensor]) -> None:
-    """Sum an adapter's accumulated gradients over the TP group (each rank holds its shard's part)."""
+    """Sum LoRA gradients over the model-parallel group (TP x PP): each rank holds its TP shard's part
+    of the layers its pipeline stage runs and zeros elsewhere, so the sum is the full gradient. Every
+    rank passes the same tensors in the same order (one flat all-reduce)."""
     from megatron.core import parallel_state
 
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+    group = parallel_state.get_model_parallel_group()
+    if not grads or torch.distributed.get_world_size(group) == 1:
         return
-    group = parallel_state.get_tensor_model_parallel_group()
     flat = torch.cat([g.reshape(-1) for g in grads])
     torch.distributed.all_reduce(flat, group=group)
     offset = 0
