@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from twinkle.errors import InvalidInputError, NotFoundError, PayloadTooLargeError
 from twinkle.http.context import ServerContext
+from twinkle.http.offload import body_work
 
 T = TypeVar("T", bound=BaseModel)
 TINKER_SCHEME = "tinker://"
@@ -87,21 +88,22 @@ async def read_json(request: Request) -> dict:
     if cached is not None:
         return cached
     raw = await read_body(request)
-    if not raw:
-        data = {}
-    else:
-        max_depth = context(request).config.limits.max_json_depth
-        try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidInputError(f"body is not valid JSON: {exc}", field="body") from None
-        except RecursionError:
-            raise InvalidInputError(f"is nested more than {max_depth} levels deep (limits.max_json_depth)",
-                                    field="body") from None
-        if not isinstance(data, dict):
-            raise InvalidInputError("body must be a JSON object", field="body")
-        check_depth(data, max_depth)
+    data = await body_work(request, _json_object, raw, context(request).config.limits.max_json_depth) if raw else {}
     request.state.json_body = data
+    return data
+
+
+def _json_object(raw: bytes, max_depth: int) -> dict:
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInputError(f"body is not valid JSON: {exc}", field="body") from None
+    except RecursionError:
+        raise InvalidInputError(f"is nested more than {max_depth} levels deep (limits.max_json_depth)",
+                                field="body") from None
+    if not isinstance(data, dict):
+        raise InvalidInputError("body must be a JSON object", field="body")
+    check_depth(data, max_depth)
     return data
 
 

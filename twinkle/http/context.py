@@ -21,6 +21,7 @@ from twinkle.config import ServerConfig
 from twinkle.errors import (ConflictError, InvalidInputError, NotFoundError, QuotaExceededError,
                             ServerUnavailableError)
 from twinkle.http.auth import KeyRing
+from twinkle.http.offload import OFF_LOOP_BYTES, off_loop_if
 from twinkle.http.ratelimit import RateLimiter
 from twinkle.http.timing import on_scheduler
 from twinkle.layout import run_dir_name
@@ -119,7 +120,7 @@ class ServerContext:
         kind = future_kind(method, ordered)
         extra = dict(extra or {})
         if seq_id is not None or idempotency_key:  # what tells a retry from a different request under its id
-            extra["digest"] = await asyncio.to_thread(_digest_of, method, args)
+            extra["digest"] = await off_loop_if(_large_args(args), _digest_of, method, args)
         record_, _created = await self.db(
             self.store.create_future, uuid.uuid4().hex, tenant, kind=kind, target_id=target_id, seq_id=seq_id,
             base_model=base_model, extra=extra, idempotency_key=idempotency_key)
@@ -239,6 +240,12 @@ class ServerContext:
         for base_model, model_ids in by_model.items():
             if base_model in self.schedulers:
                 await self.schedulers[base_model].end_session.remote(model_ids)
+
+
+def _large_args(args) -> bool:
+    """Whether hashing `args` is worth a thread: a big batch (~12 bytes a token) or one with images."""
+    data = getattr(args, "data", None) or ()
+    return sum(len(d.input_tokens) for d in data) * 12 > OFF_LOOP_BYTES or any(d.images for d in data)
 
 
 def _digest_of(method: str, args) -> str:

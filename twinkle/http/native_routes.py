@@ -13,6 +13,7 @@ from twinkle import wire
 from twinkle.api.spec import API_METHODS
 from twinkle.errors import InvalidInputError
 from twinkle.http.common import check_depth, context, read_body, tenant_of
+from twinkle.http.offload import body_work
 from twinkle.http.native import NativeAPI
 
 router = APIRouter(prefix="/api/v1/twinkle")
@@ -25,13 +26,17 @@ def native(request: Request) -> NativeAPI:
 async def read_msgpack(request: Request) -> dict:
     """The body as a msgpack map: at most `limits.max_body_bytes` (413), nested at most `max_json_depth`."""
     raw = await read_body(request)
+    return await body_work(request, _msgpack_map, raw, context(request).config.limits.max_json_depth)
+
+
+def _msgpack_map(raw: bytes, max_depth: int) -> dict:
     try:
         body = wire.loads(raw) if raw else {}
     except Exception:
         raise InvalidInputError("body is not valid msgpack (or nests too deeply)", field="body") from None
     if not isinstance(body, dict):
         raise InvalidInputError("body must be a msgpack map", field="body")
-    check_depth(body, context(request).config.limits.max_json_depth)
+    check_depth(body, max_depth)
     return body
 
 

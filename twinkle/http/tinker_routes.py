@@ -18,9 +18,11 @@ from pydantic import TypeAdapter
 from twinkle import ids
 from twinkle.api.spec import (CreateModelArgs, Empty, ForwardArgs, FromCheckpointArgs, LoadArgs, SaveArgs,
                               SaveSamplerArgs, StepArgs)
+from twinkle.config import LimitsConfig
 from twinkle.errors import InvalidInputError, NotFoundError, SessionExpiredError, TwinkleError, UnprocessableError
 from twinkle.http import tinker_codec as codec
 from twinkle.http.common import context, parse, read_body, read_json, resolve_checkpoint, tenant_of, tinker_path
+from twinkle.http.offload import body_work
 from twinkle.http.tinker_bodies import (AdamBody, CreateModelBody, CreateSessionBody, LoadWeightsBody, LoraBody,
                                         ModelIdBody, OptimStepBody, SaveWeightsBody, SessionIdBody)
 from twinkle.http.tinker_futures import future_reply
@@ -243,6 +245,15 @@ async def unload_model(request: Request) -> dict:
     return future_reply(request_id, model_id=body.model_id)
 
 
+def _checked_data(parsed: dict, info: dict, limits: LimitsConfig, base_model: str) -> list:
+    """The batch with its images resolved, once checked against the model and the server's limits."""
+    data = resolve_images(parsed["data"], info.get("vision"), ImageLimits.of(limits), model=base_model)
+    validate_batch(data, parsed["loss_fn"], parsed["loss_fn_config"], info["vocab_size"],
+                   max_datums=limits.max_datums_per_request, max_tokens=limits.max_tokens_per_request,
+                   max_context=info["max_context"])
+    return data
+
+
 async def _submit_forward(request: Request, parsed: dict) -> dict:
     tenant = await tenant_of(request)
     ctx = context(request)
@@ -251,14 +262,10 @@ async def _submit_forward(request: Request, parsed: dict) -> dict:
         raise InvalidInputError("missing model_id", field="model_id")
     base_model = await ctx.model_owner(model_id, tenant)
     info = ctx.info(base_model)
-    limits = ctx.config.limits
     loss = parsed["loss_fn"]
     if not loss:
         raise InvalidInputError("missing loss_fn; e.g. cross_entropy", field="loss_fn")
-    parsed["data"] = resolve_images(parsed["data"], info.get("vision"), ImageLimits.of(limits), model=base_model)
-    validate_batch(parsed["data"], loss, parsed["loss_fn_config"], info["vocab_size"],
-                   max_datums=limits.max_datums_per_request, max_tokens=limits.max_tokens_per_request,
-                   max_context=info["max_context"])
+    parsed["data"] = await body_work(request, _checked_data, parsed, info, ctx.config.limits, base_model)
     forward_only = parsed["forward_only"]
     args = ForwardArgs(data=parsed["data"], loss=loss, loss_config=parsed["loss_fn_config"])
     request_id = await ctx.submit(tenant, base_model, "forward" if forward_only else "forward_backward", model_id,
@@ -273,21 +280,22 @@ async def forward_backward(request: Request) -> dict:
     limits = context(request).config.limits
     if codec.PROTOBUF in request.headers.get("content-type", ""):
         # decompressed once, streaming and capped; the tensors are decoded after the target is known
-        message = codec.decode_forward_backward_proto(await read_body(request), request.headers.get("content-encoding"),
-                                                      max_bytes=limits.max_body_bytes)
+        message = await body_work(request, codec.decode_forward_backward_proto, await read_body(request),
+                                  request.headers.get("content-encoding"), max_bytes=limits.max_body_bytes)
         request.state.target = (message.model_id or None, message.seq_id if message.seq_id >= 0 else None)
-        parsed = codec.forward_backward_from_proto(message, max_elements=limits.max_tensor_elements)
+        parsed = await body_work(request, codec.forward_backward_from_proto, message,
+                                 max_elements=limits.max_tensor_elements)
     else:
-        parsed = codec.parse_forward_backward_json(await read_json(request), "forward_backward_input",
-                                                   max_elements=limits.max_tensor_elements)
+        parsed = await body_work(request, codec.parse_forward_backward_json, await read_json(request),
+                                 "forward_backward_input", max_elements=limits.max_tensor_elements)
     return await _submit_forward(request, parsed)
 
 
 @router.post("/forward")
 @frees_seq_on_rejection
 async def forward(request: Request) -> dict:
-    parsed = codec.parse_forward_backward_json(await read_json(request), "forward_input",
-                                               max_elements=context(request).config.limits.max_tensor_elements)
+    parsed = await body_work(request, codec.parse_forward_backward_json, await read_json(request), "forward_input",
+                             max_elements=context(request).config.limits.max_tensor_elements)
     return await _submit_forward(request, parsed)
 
 
