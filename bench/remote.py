@@ -180,10 +180,16 @@ def front_floor(url: str, calls: int = 50) -> float:
     return _p50_ms(times)
 
 
-def trivial_hops(url: str, model_id: str, calls: int = 30) -> dict:
-    """A trivial optim_step sent by hand (submit, then retrieve_future), split with the server's
-    Server-Timing header into the front (client clock minus `app`), the route (`app` minus
-    `scheduler`) and the awaited scheduler calls, per HTTP request; p50 ms of each."""
+def traced_round_trips(url: str, path: str, body: dict, calls: int = 30) -> dict:
+    """A request sent by hand (submit to `path`, then retrieve_future), `calls` times, split into hops
+    with the server's Server-Timing and the absolute marks of the request's span; p50 ms of each.
+
+    The hops tile the round trip: the submit's HTTP front (client clock minus `app`), route and
+    scheduler call; the request's `queue` in the scheduler and the rest of the time until its batch
+    started (`submit_to_start` is the whole of that, measured directly: client send to batch start);
+    `run` (the batch in the workers, Ray hops included) and `finish`; then `ready_to_client`
+    (measured directly: result ready to this client holding the reply), of which `wake` is the hop
+    back to the route. Client and server share this host's clock."""
     import requests
 
     from twinkle.http.timing import parse_server_timing
@@ -192,23 +198,48 @@ def trivial_hops(url: str, model_id: str, calls: int = 30) -> dict:
     headers = {"Authorization": f"Bearer {BENCH_KEY}"}
     parts: dict[str, list[float]] = {}
 
-    def post(name: str, path: str, body: dict) -> dict:
-        start = time.perf_counter()
-        reply = session.post(url + path, json=body, headers=headers)
-        elapsed = time.perf_counter() - start
+    def post(route: str, payload: dict) -> tuple[dict, dict, float, float]:
+        sent = time.time()
+        reply = session.post(url + route, json=payload, headers=headers)
+        received = time.time()
         reply.raise_for_status()
-        timing = parse_server_timing(reply.headers.get("server-timing", ""))
-        app, scheduler = timing["app"] / 1000, timing["scheduler"] / 1000
-        for part, value in (("rtt", elapsed), ("front", elapsed - app), ("route", app - scheduler),
-                            ("scheduler", scheduler)):
-            parts.setdefault(f"{name}_{part}", []).append(value)
-        return reply.json()
+        return reply.json(), parse_server_timing(reply.headers.get("server-timing", "")), sent, received
 
     for _ in range(calls):
-        submitted = post("submit", "/api/v1/optim_step", {"model_id": model_id, "adam_params": {"learning_rate": 1e-4}})
-        result = post("retrieve", "/api/v1/retrieve_future", {"request_id": submitted["request_id"]})
-        assert "metrics" in result, result  # the step's result in one long poll
-    return {f"{key}_ms": _p50_ms(values) for key, values in sorted(parts.items())}
+        submitted, submit, sent, submit_back = post(path, body)
+        result, retrieve, _, received = post("/api/v1/retrieve_future", {"request_id": submitted["request_id"]})
+        assert "type" not in result or result["type"] != "try_again", result  # one long poll holds the result
+        ms = {"rtt": (received - sent) * 1000,
+              "submit_http_front": (submit_back - sent) * 1000 - submit["app"],
+              "submit_route": submit["app"] - submit["scheduler"],
+              "scheduler_submit": submit["scheduler"],
+              "submit_to_start": (retrieve["started"] - sent) * 1000,
+              "queue": retrieve["queue"], "run": retrieve["run"], "finish": retrieve["finish"],
+              "ready_to_client": (received - retrieve["ready"]) * 1000, "wake": retrieve["wake"],
+              "retrieve_http_front": (received - submit_back) * 1000 - retrieve["app"],
+              "retrieve_route": retrieve["app"] - retrieve["scheduler"]}
+        for name, value in ms.items():
+            parts.setdefault(name, []).append(value / 1000)
+    return {name: _p50_ms(values) for name, values in parts.items()}
+
+
+def _json_datum(datum) -> dict:
+    """A cross-entropy datum in the Tinker JSON wire shape (what SDKs before protobuf send)."""
+    def tensor(values, dtype: str) -> dict:
+        return {"data": values.tolist(), "dtype": dtype, "shape": [len(values)]}
+
+    return {"model_input": {"chunks": [{"type": "encoded_text", "tokens": datum.input_tokens.tolist()}]},
+            "loss_fn_inputs": {"target_tokens": tensor(datum.loss_inputs["target_tokens"], "int64"),
+                               "weights": tensor(datum.loss_inputs["weights"], "float32")}}
+
+
+def trivial_hops(url: str, model_id: str, tiny: list) -> dict:
+    """Per-hop p50 ms of B1b's trivial forward and of an empty optim_step, each sent by hand."""
+    forward = {"model_id": model_id,
+               "forward_input": {"data": [_json_datum(datum) for datum in tiny], "loss_fn": "cross_entropy"}}
+    return {"forward": traced_round_trips(url, "/api/v1/forward", forward),
+            "empty_step": traced_round_trips(url, "/api/v1/optim_step",
+                                             {"model_id": model_id, "adam_params": {"learning_rate": 1e-4}})}
 
 
 def _scheduler_figures(url: str) -> dict:
@@ -226,22 +257,35 @@ def one_front(front: str, batch, vocab_size: int, state_dir: str, work_dir: str,
     CPU each of the server's processes spends per pipelined step."""
     config = {"models": [{"name": BENCH_MODEL}], "state_dir": state_dir, "http_front": front,
               "auth": {"admin_keys": {"ops": OPERATOR_KEY}}, **(overrides or {})}
+    tiny = trivial_batch(vocab_size)
     with start_dev_server(Path(work_dir) / f"rpc-{folder or front}", config=config,
                           keys={"bench": BENCH_KEY}) as server:
         sdk = sdk_loop(server.url, batch, vocab_size, then=lambda model_id: (_scheduler_figures(server.url),
-                                                                 trivial_hops(server.url, model_id)),
+                                                                 trivial_hops(server.url, model_id, tiny)),
                        cpu=lambda: cpu_seconds_by_role(server.process.pid))
         passes, hops = sdk.pop("then")  # the scheduler's figures are read after the SDK's steps
         floor = front_floor(server.url)
-    sdk_trivial = sdk["trivial_round_trip"]["p50_s"] * 1000
-    by_hand = hops["submit_rtt_ms"] + hops["retrieve_rtt_ms"]
-    return {"sdk": sdk, "healthz_ms": floor, "trivial_by_hand_ms": round(by_hand, 3),
-            "hops_ms": {"sdk_client": round(sdk_trivial - by_hand, 3),
-                        "http_front": round(hops["submit_front_ms"] + hops["retrieve_front_ms"], 3),
-                        "route": round(hops["submit_route_ms"] + hops["retrieve_route_ms"], 3),
-                        "scheduler_submit": hops["submit_scheduler_ms"],
-                        "scheduler_wait_incl_worker": hops["retrieve_scheduler_ms"]},
-            "hops_detail_ms": hops, "scheduler": passes}
+    return {"sdk": sdk, "healthz_ms": floor, **hop_breakdown(hops["forward"], sdk["trivial_forward"]["p50_s"]),
+            "empty_step_hops_ms": hops["empty_step"], "scheduler": passes}
+
+
+def hop_breakdown(hops: dict, sdk_forward_s: float) -> dict:
+    """B1b's trivial forward split per hop (`hops_ms`: each figure measured on its own, so their sum is
+    near but not exactly the round trip) and as a timeline whose parts add up to it (`timeline_ms`:
+    client send -> batch start -> batch done -> result ready -> client holds it), with the SDK's own
+    share: the SDK's trivial forward minus the same request sent by hand."""
+    sdk_client = round(sdk_forward_s * 1000 - hops["rtt"], 3)
+    return {
+        "hops_ms": {"sdk_client": sdk_client,
+                    "http_front": round(hops["submit_http_front"] + hops["retrieve_http_front"], 3),
+                    "route": round(hops["submit_route"] + hops["retrieve_route"], 3),
+                    "scheduler_submit": hops["scheduler_submit"], "queue": hops["queue"],
+                    "worker_run": hops["run"], "finish": hops["finish"], "back_to_route": hops["wake"]},
+        "timeline_ms": {"sdk_client": sdk_client, "submit_to_start": hops["submit_to_start"], "run": hops["run"],
+                        "finish": hops["finish"], "ready_to_client": hops["ready_to_client"]},
+        "trivial_by_hand_ms": hops["rtt"],
+        "hops_detail_ms": hops,
+    }
 
 
 def remote_paths(state_dir: str, work_dir: str) -> tuple[dict, dict]:
@@ -310,6 +354,7 @@ def remote_paths(state_dir: str, work_dir: str) -> tuple[dict, dict]:
         "naive_ratio": default["naive_ratio"],
         "overhead_ms_per_step": default["overhead_ms_per_step"],
         "hops_ms": default["hops_ms"],
+        "timeline_ms": default["timeline_ms"],
         "cpu_ms_per_step": default["cpu_ms_per_step"],
         "serve_default_loop": {key: by_front[SERVE_DEFAULT_LOOP[0]][key]
                                for key in ("ratio", "trivial_forward_ms", "trivial_round_trip_ms", "cpu_ms_per_step")},
@@ -322,8 +367,10 @@ def remote_paths(state_dir: str, work_dir: str) -> tuple[dict, dict]:
         "note": "ratio (B1) = in-process step time / pipelined SDK step time; trivial_forward_ms (B1b) = a forward "
                 "of one 16-token datum through the unmodified SDK (inprocess_trivial_forward_ms: the same in this "
                 "process); trivial_round_trip_ms = an optim_step with nothing to apply; every front, the in-process loop "
-                "and local mode measured in this run on this machine; hops_ms split the trivial round trip "
-                "with the server's Server-Timing header; cpu_ms_per_step: CPU ms each process of the server (and the "
-                "SDK client) spends per pipelined step; serve_default_loop: the default front with Ray Serve's own "
-                "0.1 s controller interval instead of serve_control_loop_s=1",
+                "and local mode measured in this run on this machine; hops_ms split B1b's trivial forward per hop "
+                "with the server's Server-Timing header (worker_run: the batch in the workers, Ray hops included); "
+                "timeline_ms tiles it with the request's absolute marks (submit_to_start: client send to its batch "
+                "starting; ready_to_client: result ready to the client holding it); cpu_ms_per_step: CPU ms each "
+                "process of the server (and the SDK client) spends per pipelined step; serve_default_loop: the "
+                "default front with Ray Serve's own 0.1 s controller interval instead of serve_control_loop_s=1",
     }, client_result

@@ -79,7 +79,10 @@ def test_the_sdk_trains_and_samples_through_each_front(tmp_path, front, listener
 
 def test_replies_say_where_their_time_went(server, service):
     """Server-Timing: `app` is the time inside the server, `scheduler` the part spent awaiting the model's
-    scheduler (a long poll's wait for the result included)."""
+    scheduler (a long poll's wait for the result included); the reply with a result adds where that
+    request's time went in the scheduler, with absolute marks a client on this host can line up."""
+    import time
+
     import requests
 
     from twinkle.http.timing import parse_server_timing
@@ -88,12 +91,38 @@ def test_replies_say_where_their_time_went(server, service):
     headers = {"Authorization": f"Bearer {KEYS['alice']}"}
     health = parse_server_timing(requests.get(server.url + "/api/v1/healthz").headers["server-timing"])
     assert health["scheduler"] == 0 and 0 <= health["app"] < 1000
-    submitted = requests.post(server.url + "/api/v1/optim_step", headers=headers,
-                              json={"model_id": training.model_id, "adam_params": {"learning_rate": 1e-4}})
+    datum = {"model_input": {"chunks": [{"type": "encoded_text", "tokens": [5, 6, 7, 8]}]},
+             "loss_fn_inputs": {"target_tokens": {"data": [6, 7, 8, 9], "dtype": "int64", "shape": [4]}}}
+    sent = time.time()
+    submitted = requests.post(server.url + "/api/v1/forward", headers=headers,
+                              json={"model_id": training.model_id,
+                                    "forward_input": {"data": [datum], "loss_fn": "cross_entropy"}})
+    assert submitted.status_code == 200, submitted.text
     submit = parse_server_timing(submitted.headers["server-timing"])
     result = requests.post(server.url + "/api/v1/retrieve_future", headers=headers,
                            json={"request_id": submitted.json()["request_id"]})
-    assert "metrics" in result.json(), result.text
+    received = time.time()
+    assert "loss_fn_outputs" in result.json(), result.text
     retrieve = parse_server_timing(result.headers["server-timing"])
     for timing in (submit, retrieve):
         assert 0 < timing["scheduler"] <= timing["app"], timing
+    assert not {"queue", "run", "started", "ready"} & set(submit), submit  # no result in that reply
+    assert all(retrieve[stage] >= 0 for stage in ("queue", "run", "finish", "wake")), retrieve
+    assert retrieve["run"] > 0, retrieve  # the forward ran on the worker
+    assert sent <= retrieve["started"] <= retrieve["ready"] <= received, (sent, retrieve, received)
+    # the stages tile the time from the request being queued to the route holding its result
+    assert retrieve["queue"] + retrieve["run"] + retrieve["finish"] <= (received - sent) * 1000, retrieve
+
+
+def test_server_timing_parses_durations_and_marks():
+    from twinkle.actors.spans import RequestSpan
+    from twinkle.http.timing import RequestTiming, parse_server_timing
+
+    span = RequestSpan(accepted_at=100.0, started_at=100.002, run_s=0.005, ready_at=100.0081)
+    figures = span.figures()
+    assert figures["queue"] == pytest.approx(2.0) and figures["run"] == pytest.approx(5.0)
+    assert figures["finish"] == pytest.approx(1.1) and figures["ready_at"] == 100.0081
+    assert RequestSpan(accepted_at=1.0).figures() == {}  # still queued: nothing to say yet
+    timing = RequestTiming(scheduler_s=0.004, stages_ms={"run": 5.0}, marks={"ready": 1733150000.123456})
+    parsed = parse_server_timing(timing.header(app_ms=7.5).decode() + ', cdn;desc="edge", db;dur=oops')
+    assert parsed == {"app": 7.5, "scheduler": 4.0, "run": 5.0, "ready": 1733150000.123456}

@@ -29,6 +29,7 @@ from twinkle.actors import bookkeeping, recovery
 from twinkle.actors.lanes import Batch, SampleLane, TrainLane
 from twinkle.actors.ordering import SeqOrdering
 from twinkle.actors.progress import report_progress
+from twinkle.actors.spans import Spans
 from twinkle.actors.supervisor import WorkerSupervisor
 from twinkle.actors.telemetry import Telemetry
 from twinkle.actors.work import PASS_METHODS, STEP_METHODS, WorkItem
@@ -84,6 +85,7 @@ class ModelScheduler:
         self._persisting: set[asyncio.Future] = set()  # results being written to the store
         self._telemetry = Telemetry()  # queue waits, batch durations, tokens: for the operator's metrics
         self._accepted: dict[str, float] = {}  # request_id -> when it was queued (monotonic)
+        self._spans = Spans()  # where each recent request's time went, for its reply's Server-Timing
         self._points: dict[str, dict] = {}  # request_id -> its run's metrics-history point, stored with it
         self._codec = None  # the model's TextCodec, loaded on the first `text` call
 
@@ -227,6 +229,7 @@ class ModelScheduler:
             self._known.popitem(last=False)
         self._queued[item.tenant] += 1
         self._accepted[item.request_id] = time.monotonic()
+        self._spans.accepted(item.request_id)
         self._last_activity = time.time()
         if item.method in CREATE_MODEL_METHODS:
             self._paths[item.target_id] = (item.tenant, item.record["run_dir"])
@@ -264,11 +267,16 @@ class ModelScheduler:
         outcome = await self.wait(item.request_id, timeout)
         return outcome if outcome is not None else ("pending", None)
 
-    async def wait(self, request_id: str, timeout: float | None) -> Outcome | None:
+    async def wait(self, request_id: str, timeout: float | None, *, timed: bool = False):
         """The outcome of a request, waiting up to `timeout` seconds; None if still running.
 
         ("unknown", None) means this scheduler never received the request (it was restarted).
+        With `timed`, returns (outcome, figures): the request's span (`spans.RequestSpan.figures`).
         """
+        outcome = await self._wait(request_id, timeout)
+        return (outcome, self._spans.figures(request_id)) if timed else outcome
+
+    async def _wait(self, request_id: str, timeout: float | None) -> Outcome | None:
         if request_id in self._results:
             return self._results[request_id]
         if request_id not in self._known:
@@ -294,6 +302,7 @@ class ModelScheduler:
         self._results[item.request_id] = outcome
         while len(self._results) > 4096:
             self._results.popitem(last=False)
+        self._spans.ready(item.request_id)
         for future in self._waiters.pop(item.request_id, []):
             if not future.done():
                 future.set_result(outcome)
@@ -329,12 +338,15 @@ class ModelScheduler:
         started = time.perf_counter()
         began = time.monotonic()
         waits = [began - self._accepted.pop(item.request_id, began) for item in batch.items]
+        request_ids = [item.request_id for item in batch.items]
+        self._spans.started(request_ids, time.time())
         group = None
         try:
             with self._workers.using() as group:
                 results = self._results_of(batch)
         except Exception as exc:  # the workers could not start or died: every request of the batch fails
             results = {item.request_id: exc for item in batch.items}
+        self._spans.ran(request_ids, time.perf_counter() - started)
         losses = [r for r in results.values() if isinstance(r, BaseException) and recovery.is_worker_loss(r)]
         if losses:
             notes = self._workers.on_loss(group, losses[0])

@@ -23,7 +23,7 @@ from twinkle.errors import (ConflictError, InvalidInputError, NotFoundError, Quo
 from twinkle.http.auth import KeyRing
 from twinkle.http.offload import OFF_LOOP_BYTES, off_loop_if
 from twinkle.http.ratelimit import RateLimiter
-from twinkle.http.timing import on_scheduler
+from twinkle.http.timing import note_span, on_scheduler
 from twinkle.layout import run_dir_name
 from twinkle.store import Store
 
@@ -193,9 +193,11 @@ class ServerContext:
             self._futures[request_id] = cached
         _, base_model, extra = cached
         try:
-            outcome = await on_scheduler(self.scheduler(base_model).wait.remote(request_id, timeout))
+            outcome, span = await on_scheduler(self.scheduler(base_model).wait.remote(request_id, timeout, timed=True))
         except Exception as exc:  # the scheduler actor is gone
             raise ServerUnavailableError(f"the {base_model} scheduler is unavailable: {type(exc).__name__}") from None
+        if outcome is not None:
+            note_span(span)
         if outcome is None:
             return "pending", None, extra
         status, payload = outcome
