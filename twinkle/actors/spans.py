@@ -5,7 +5,8 @@ A request's span has three marks on the scheduler's clock: accepted (queued), st
 began) and ready (its outcome was in and its long polls woken), plus how long its batch spent in the
 model's workers. The HTTP layer turns a span into Server-Timing entries (`queue`, `run`, `finish`)
 and adds `wake`: from `ready` until the route held the outcome, which is the hop back from the
-scheduler. The absolute marks let a client on the same host measure the gaps it alone can see (its
+scheduler when a long poll was waiting (and includes the poll's own arrival when the result was in
+first, as for a request that runs faster than the client asks for it). The absolute marks let a client on the same host measure the gaps it alone can see (its
 submit to the worker starting, the result being ready to the client holding it).
 """
 

@@ -22,7 +22,6 @@ import torch
 from twinkle.backends.adapters import AdapterTable
 from twinkle.backends.base import (BackendConfig, ForwardRequest, Outcome, Outcomes, SampleRequest, SamplingBackend,
                                    StepRequest, TrainingBackend)
-from twinkle.backends.cpu_threads import threads_for_pass
 from twinkle.backends.multi_lora import LoraBank, LoraPass, PassEntry, lora_pass, wrap_linear_layers
 from twinkle.backends.vision import VisionInputs, language_layers, vision_groups, vision_layers
 from twinkle.errors import InvalidInputError, TwinkleError
@@ -317,8 +316,7 @@ class TransformersBackend(TrainingBackend, SamplingBackend):
         active = LoraPass(self.bank, entries, train=train, shared=self.vision_layers, shared_entry=shared)
         for plan in planned:
             plan.outputs = [None] * len(plan.request.data)
-        tokens = sum(len(datum.input_tokens) for plan in planned for datum in plan.request.data)
-        with lora_pass(active), torch.set_grad_enabled(train), threads_for_pass(tokens, self.device):
+        with lora_pass(active), torch.set_grad_enabled(train):
             for batch in self._micro_batches(planned):
                 self._run_micro_batch(active, batch)
         self.passes += 1
