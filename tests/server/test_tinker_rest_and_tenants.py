@@ -390,8 +390,11 @@ def test_concurrent_tenants_do_not_interfere(alice, bob):
     for thread in threads:
         thread.join(timeout=180)
     assert not errors, errors
-    assert together["alice"] == alone["alice"], (together["alice"], alone["alice"])
-    assert together["bob"] == alone["bob"], (together["bob"], alone["bob"])
+    # Shared passes change only float rounding: a row's matmul may take another kernel path when the
+    # pass holds more rows (on an AVX2-only AMD CPU step 4 differed in the 7th digit). Interference
+    # between tenants would move the losses by far more than 1e-5 of their size.
+    assert together["alice"] == pytest.approx(alone["alice"], rel=1e-5), (together["alice"], alone["alice"])
+    assert together["bob"] == pytest.approx(alone["bob"], rel=1e-5), (together["bob"], alone["bob"])
     assert len(set(alone["alice"])) == steps  # both really trained
 
 
