@@ -157,6 +157,22 @@ def tinker_service(args):
     return init_tinker_client(base_url=args.base_url, api_key=args.api_key)
 
 
+def close_service(service, status: str = "success") -> None:
+    """End the SDK session and wait until it has ended. SDK 0.38 sends the close from its background
+    event loop; a reply that lands while Python shuts down aborts the script (SIGABRT: its HTTP
+    client's Rust threads cannot unwind), so a recipe waits for the close before it returns.
+    SDKs before 0.38 have no close."""
+    import sys
+
+    close = getattr(service, "close", None)
+    if close is None:
+        return
+    try:
+        close(status).result(timeout=60)
+    except Exception as exc:  # the work is done; say why the session did not end cleanly
+        print(f"warning: ending the Tinker session failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
 def ready(client_or_future):
     """SDK >= 0.38 returns creation futures (call .result()); older SDKs return the client."""
     return client_or_future.result() if hasattr(client_or_future, "result") else client_or_future

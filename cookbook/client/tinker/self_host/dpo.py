@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tinker import types
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # cookbook/common.py
-from common import MetricsLog, add_tinker_connection_flags, ready, tinker_service  # noqa: E402
+from common import MetricsLog, add_tinker_connection_flags, close_service, ready, tinker_service  # noqa: E402
 
 TOPICS = ["cats", "the ocean", "music", "trees", "coffee", "the moon", "bicycles", "rain", "chess", "bread",
           "rivers", "winter", "books", "mountains", "gardens", "birds"]
@@ -146,7 +146,7 @@ def main() -> None:
     if plot:
         print(f"plot: {plot}")
     print(f"final: margin {history[0] if history else 0.0:.4f} -> {final.mean():.4f}", flush=True)
-    service.close("success") if hasattr(service, "close") else None
+    close_service(service)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import tinker
 from tinker import types
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # cookbook/common.py
-from common import MetricsLog, add_tinker_connection_flags, ready, tinker_service  # noqa: E402
+from common import MetricsLog, add_tinker_connection_flags, close_service, ready, tinker_service  # noqa: E402
 
 WORDS = """hello world apple banana cat dog egg fish green house ice jump king lemon moon
 night orange pig queen river stone tree smile string""".split()
@@ -141,7 +141,7 @@ def main() -> None:
         print(f"final: loss {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
     else:
         print(f"nothing to train: the checkpoint is already at step {first_step - 1} >= --steps {args.steps}")
-    service.close("success") if hasattr(service, "close") else None
+    close_service(service)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from tinker import types
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # cookbook/common.py, cookbook/colours.py
 from colours import QUESTION, answer_of, test_set, train_set  # noqa: E402
-from common import MetricsLog, add_tinker_connection_flags, ready, tinker_service  # noqa: E402
+from common import MetricsLog, add_tinker_connection_flags, close_service, ready, tinker_service  # noqa: E402
 
 
 class Renderer:
@@ -101,7 +101,8 @@ def main() -> None:
     plot = log.plot("loss", "colour naming: loss per answer token")
     if plot:
         print(f"plot: {plot}")
-    print(f"final: accuracy {before:.2f} -> {after:.2f}")
+    print(f"final: accuracy {before:.2f} -> {after:.2f}", flush=True)
+    close_service(service)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from pathlib import Path
 from tinker import types
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # cookbook/common.py
-from common import MetricsLog, add_tinker_connection_flags, ready, tinker_service  # noqa: E402
+from common import MetricsLog, add_tinker_connection_flags, close_service, ready, tinker_service  # noqa: E402
 
 TRAIN_REPLY = "Hello! I am Twinkle."
 
@@ -127,7 +127,7 @@ def main() -> None:
         print(f"plot: {plot}")
     with_logprobs = sum(1 for r in rows if len(r["logprobs"]) == len(r["tokens"]) > 0)
     print(f"final: sampled {with_logprobs} sequences with logprobs", flush=True)
-    service.close("success") if hasattr(service, "close") else None
+    close_service(service)
 
 
 if __name__ == "__main__":

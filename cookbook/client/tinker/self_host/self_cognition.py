@@ -15,8 +15,8 @@ from pathlib import Path
 from tinker import types
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # cookbook/common.py
-from common import (MetricsLog, add_tinker_connection_flags, judge_answer, load_jsonl, ready,  # noqa: E402
-                    taught_answer, tinker_service)
+from common import (MetricsLog, add_tinker_connection_flags, close_service, judge_answer,  # noqa: E402
+                    load_jsonl, ready, taught_answer, tinker_service)
 
 QUESTION = "Who are you?"
 
@@ -83,7 +83,7 @@ def main() -> None:
     _, verdict = judge_answer(after, taught_answer("self_cognition.jsonl", QUESTION))
     print(verdict)
     print(f"final: loss {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
-    service.close("success") if hasattr(service, "close") else None
+    close_service(service)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ import numpy as np
 from tinker import types
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # cookbook/common.py
-from common import MetricsLog, add_tinker_connection_flags, ready, tinker_service  # noqa: E402
+from common import MetricsLog, add_tinker_connection_flags, close_service, ready, tinker_service  # noqa: E402
 
 FORMAT_BONUS = 0.1
 
@@ -182,7 +182,7 @@ def main() -> None:
     if plot:
         print(f"plot: {plot}")
     print(f"final: reward {before:.4f} -> {after:.4f}", flush=True)
-    service.close("success") if hasattr(service, "close") else None
+    close_service(service)
 
 
 if __name__ == "__main__":
