@@ -91,7 +91,7 @@ class SdkFleet:
     def close(self) -> None:
         for service in self.services:
             try:
-                service.close("success")
+                service.close("success").result(timeout=60)  # a reply during exit would abort the process
             except Exception:  # a server already stopped: nothing left to tell it
                 pass
         self._pool.shutdown(wait=False)

@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             sampling = _check_sampling(runs[0]["client"], max_tokens=32)
             status = requests.get(f"{server.url}/api/v1/twinkle/status", headers={"X-API-Key": KEY},
                                   timeout=30).json()["models"][BASE]
+            service.close("success").result(timeout=60)  # a reply landing during exit would abort the process
         finally:
             server.stop()
     tokens = args.tenants * args.steps * args.rows * args.length

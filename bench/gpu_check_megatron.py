@@ -30,8 +30,8 @@ def _sft(url: str, steps: int, rows: int, length: int) -> tuple[list[float], lis
     import tinker
     from tinker import types
 
-    client = tinker.ServiceClient(base_url=url, api_key=KEY).create_lora_training_client(
-        base_model=BASE, rank=16, seed=5).result()
+    service = tinker.ServiceClient(base_url=url, api_key=KEY)
+    client = service.create_lora_training_client(base_model=BASE, rank=16, seed=5).result()
     rng = np.random.default_rng(0)
     data = []
     for _ in range(rows):
@@ -46,6 +46,7 @@ def _sft(url: str, steps: int, rows: int, length: int) -> tuple[list[float], lis
         losses.append(fb.result().metrics["loss:sum"])
         step.result()
         times.append(time.perf_counter() - started)
+    service.close("success").result(timeout=60)  # a reply landing during exit would abort the process
     return losses, times
 
 

@@ -104,7 +104,7 @@ def sdk_loop(url: str, batch, vocab_size: int, steps: int = MEASURED_STEPS, then
     results["trivial_forward"] = summarize(forwards)
     if then is not None:
         results["then"] = then(client.model_id)
-    service.close("success")
+    service.close("success").result(timeout=60)  # a reply landing during exit would abort the process
     return results
 
 
