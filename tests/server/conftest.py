@@ -56,7 +56,15 @@ def tinker_client(server):
     """Factory: an unmodified Tinker SDK ServiceClient for a tenant."""
     import tinker
 
-    def make(tenant: str = "alice"):
-        return tinker.ServiceClient(base_url=server.url, api_key=server.keys[tenant])
+    made = []
 
-    return make
+    def make(tenant: str = "alice"):
+        made.append(tinker.ServiceClient(base_url=server.url, api_key=server.keys[tenant]))
+        return made[-1]
+
+    yield make
+    for client in made:  # end each session, so no heartbeat is in flight when pytest exits
+        try:
+            client.close("success").result(timeout=30)
+        except Exception:
+            pass
