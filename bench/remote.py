@@ -187,7 +187,8 @@ def traced_round_trips(url: str, path: str, body: dict, calls: int = 30) -> dict
     The hops tile the round trip: the submit's HTTP front (client clock minus `app`), route and
     scheduler call; the request's `queue` in the scheduler and the rest of the time until its batch
     started (`submit_to_start` is the whole of that, measured directly: client send to batch start);
-    `run` (the batch in the workers, Ray hops included) and `finish`; then `ready_to_client`
+    `run` (the batch in the workers, Ray hops included; `compute` is the workers' own part of it and
+    `to_worker_and_back` the rest) and `finish`; then `ready_to_client`
     (measured directly: result ready to this client holding the reply), of which `wake` is the hop
     back to the route. Client and server share this host's clock."""
     import requests
@@ -215,6 +216,7 @@ def traced_round_trips(url: str, path: str, body: dict, calls: int = 30) -> dict
               "scheduler_submit": submit["scheduler"],
               "submit_to_start": (retrieve["started"] - sent) * 1000,
               "queue": retrieve["queue"], "run": retrieve["run"], "finish": retrieve["finish"],
+              "compute": retrieve["compute"], "to_worker_and_back": retrieve["run"] - retrieve["compute"],
               "ready_to_client": (received - retrieve["ready"]) * 1000, "wake": retrieve["wake"],
               "retrieve_http_front": (received - submit_back) * 1000 - retrieve["app"],
               "retrieve_route": retrieve["app"] - retrieve["scheduler"]}
@@ -280,7 +282,8 @@ def hop_breakdown(hops: dict, sdk_forward_s: float) -> dict:
                     "http_front": round(hops["submit_http_front"] + hops["retrieve_http_front"], 3),
                     "route": round(hops["submit_route"] + hops["retrieve_route"], 3),
                     "scheduler_submit": hops["scheduler_submit"], "queue": hops["queue"],
-                    "worker_run": hops["run"], "finish": hops["finish"], "back_to_route": hops["wake"]},
+                    "to_worker_and_back": hops["to_worker_and_back"], "worker_compute": hops["compute"],
+                    "finish": hops["finish"], "back_to_route": hops["wake"]},
         "timeline_ms": {"sdk_client": sdk_client, "submit_to_start": hops["submit_to_start"], "run": hops["run"],
                         "finish": hops["finish"], "ready_to_client": hops["ready_to_client"]},
         "trivial_by_hand_ms": hops["rtt"],
@@ -368,7 +371,8 @@ def remote_paths(state_dir: str, work_dir: str) -> tuple[dict, dict]:
                 "of one 16-token datum through the unmodified SDK (inprocess_trivial_forward_ms: the same in this "
                 "process); trivial_round_trip_ms = an optim_step with nothing to apply; every front, the in-process loop "
                 "and local mode measured in this run on this machine; hops_ms split B1b's trivial forward per hop "
-                "with the server's Server-Timing header (worker_run: the batch in the workers, Ray hops included); "
+                "with the server's Server-Timing header (worker_compute: the worker's own forward; to_worker_and_back: "
+                "the rest of the batch's time in the workers, i.e. the Ray hops); "
                 "timeline_ms tiles it with the request's absolute marks (submit_to_start: client send to its batch "
                 "starting; ready_to_client: result ready to the client holding it); cpu_ms_per_step: CPU ms each "
                 "process of the server (and the SDK client) spends per pipelined step; serve_default_loop: the "

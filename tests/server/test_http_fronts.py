@@ -108,7 +108,7 @@ def test_replies_say_where_their_time_went(server, service):
         assert 0 < timing["scheduler"] <= timing["app"], timing
     assert not {"queue", "run", "started", "ready"} & set(submit), submit  # no result in that reply
     assert all(retrieve[stage] >= 0 for stage in ("queue", "run", "finish", "wake")), retrieve
-    assert retrieve["run"] > 0, retrieve  # the forward ran on the worker
+    assert 0 < retrieve["compute"] < retrieve["run"], retrieve  # the worker's own forward, inside the Ray call
     assert sent <= retrieve["started"] <= retrieve["ready"] <= received, (sent, retrieve, received)
     # the stages tile the time from the request being queued to the route holding its result
     assert retrieve["queue"] + retrieve["run"] + retrieve["finish"] <= (received - sent) * 1000, retrieve
@@ -118,9 +118,10 @@ def test_server_timing_parses_durations_and_marks():
     from twinkle.actors.spans import RequestSpan
     from twinkle.http.timing import RequestTiming, parse_server_timing
 
-    span = RequestSpan(accepted_at=100.0, started_at=100.002, run_s=0.005, ready_at=100.0081)
+    span = RequestSpan(accepted_at=100.0, started_at=100.002, run_s=0.005, compute_s=0.003, ready_at=100.0081)
     figures = span.figures()
     assert figures["queue"] == pytest.approx(2.0) and figures["run"] == pytest.approx(5.0)
+    assert figures["compute"] == pytest.approx(3.0)
     assert figures["finish"] == pytest.approx(1.1) and figures["ready_at"] == 100.0081
     assert RequestSpan(accepted_at=1.0).figures() == {}  # still queued: nothing to say yet
     timing = RequestTiming(scheduler_s=0.004, stages_ms={"run": 5.0}, marks={"ready": 1733150000.123456})

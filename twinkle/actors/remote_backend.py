@@ -9,6 +9,7 @@ Mutations of adapters go to every rank; reads and sampling go to rank 0.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -34,6 +35,28 @@ def _wait(refs):
     return refs.future().result()
 
 
+_clock = threading.local()  # per lane thread: the workers' own seconds in the batch that thread runs
+
+
+def start_compute_clock() -> None:
+    """Start counting the workers' compute time of the batch this (lane) thread is about to run."""
+    _clock.seconds = None
+
+
+def compute_seconds() -> float | None:
+    """The workers' own seconds in this thread's batch since `start_compute_clock` (ranks run side by
+    side, so each call counts its slowest rank); None when no compute call went through this backend."""
+    return getattr(_clock, "seconds", None)
+
+
+def _wait_timed(refs: list) -> list:
+    """`_wait` for calls to `BackendWorker.timed`: the results, with the slowest rank's seconds added
+    to this thread's compute clock."""
+    answers = _wait(refs)
+    _clock.seconds = (getattr(_clock, "seconds", None) or 0.0) + max(seconds for _, seconds in answers)
+    return [result for result, _ in answers]
+
+
 def _shards(items: list, n: int) -> list[list]:
     size, extra = divmod(len(items), n)
     out, start = [], 0
@@ -54,6 +77,9 @@ class RayBackend(TrainingBackend, SamplingBackend):
 
     def _first(self, method: str, *args, **kwargs):
         return _wait(self.group.call_first("call", method, *args, **kwargs))
+
+    def _compute_first(self, method: str, *args):
+        return _wait_timed([self.group.call_first("timed", method, *args)])[0]
 
     def info(self) -> dict:
         return {k: v for k, v in self._info.items() if k not in ("rank", "pid")}
@@ -94,18 +120,18 @@ class RayBackend(TrainingBackend, SamplingBackend):
     def forward_backward(self, requests: Sequence[ForwardRequest]) -> Outcomes:
         n = self.group.num_workers
         if n == 1:
-            return self._first("forward_backward", list(requests))
+            return self._compute_first("forward_backward", list(requests))
         per_rank, rejected = split_data_parallel(requests, n, self._info["vocab_size"])
-        answers = _wait(self.group.call_sharded("call", [(("forward_backward", batch), {})
+        answers = _wait_timed(self.group.call_sharded("timed", [(("forward_backward", batch), {})
                                                                 for batch in per_rank]))
         return {request.request_id: rejected.get(request.request_id) or _merge(request.request_id, per_rank, answers)
                 for request in requests}
 
     def optim_step(self, requests: Sequence[StepRequest]) -> Outcomes:
-        return _wait(self.group.call_all("optim_step", list(requests)))[0]
+        return _wait_timed(self.group.call_all("timed", "optim_step", list(requests)))[0]
 
     def sample(self, requests: Sequence[SampleRequest]) -> Outcomes:
-        return self._first("sample", list(requests))
+        return self._compute_first("sample", list(requests))
 
     def shutdown(self) -> None:
         self.group.shutdown()

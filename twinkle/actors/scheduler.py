@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from twinkle import layout, wire
-from twinkle.actors import bookkeeping, recovery
+from twinkle.actors import bookkeeping, recovery, remote_backend
 from twinkle.actors.lanes import Batch, SampleLane, TrainLane
 from twinkle.actors.ordering import SeqOrdering
 from twinkle.actors.progress import report_progress
@@ -341,12 +341,13 @@ class ModelScheduler:
         request_ids = [item.request_id for item in batch.items]
         self._spans.started(request_ids, time.time())
         group = None
+        remote_backend.start_compute_clock()
         try:
             with self._workers.using() as group:
                 results = self._results_of(batch)
         except Exception as exc:  # the workers could not start or died: every request of the batch fails
             results = {item.request_id: exc for item in batch.items}
-        self._spans.ran(request_ids, time.perf_counter() - started)
+        self._spans.ran(request_ids, time.perf_counter() - started, remote_backend.compute_seconds())
         losses = [r for r in results.values() if isinstance(r, BaseException) and recovery.is_worker_loss(r)]
         if losses:
             notes = self._workers.on_loss(group, losses[0])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from dataclasses import replace
 
 from twinkle.backends.base import BackendConfig, SamplingBackend, TrainingBackend
@@ -64,6 +65,13 @@ class BackendWorker:
             raise
         except Exception as exc:
             raise RuntimeError(f"{method} failed on rank {self.rank}: {type(exc).__name__}: {exc}") from None
+
+    def timed(self, entry: str, *args, **kwargs) -> tuple[object, float]:
+        """(result, seconds this rank spent) of `call(entry, ...)`, or of `optim_step` for that entry: the
+        scheduler tells the workers' own time apart from the Ray hops around it (Server-Timing `compute`)."""
+        started = time.perf_counter()
+        result = self.optim_step(*args) if entry == "optim_step" else self.call(entry, *args, **kwargs)
+        return result, time.perf_counter() - started
 
     def distributed_address(self) -> str:
         with socket.socket() as sock:

@@ -5,7 +5,8 @@ front (its own clock minus `app`), the route's own work (`app` minus `scheduler`
 route awaited the model's scheduler actor (`scheduler`: queueing a request, or a long poll waiting
 for its result). A reply that carries a request's result adds that request's span in the scheduler
 (`twinkle.actors.spans`): `queue` (accepted until its batch started), `run` (the batch in the
-model's workers, Ray hops included), `finish` (recording the result and waking its polls) and `wake`
+model's workers, Ray hops included), `compute` (the part the workers measured as their own work, so
+`run` minus `compute` is the Ray hops), `finish` (recording the result and waking its polls) and `wake`
 (from the result being ready until the route held it), with the absolute `started` and `ready` marks
 (seconds since the epoch, in `desc`). Browsers show it in their network panel; `bench/remote.py`
 reads it for the per-hop breakdown of `rpc_overhead.json`.
@@ -22,7 +23,7 @@ from typing import TypeVar
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 T = TypeVar("T")
-SPAN_STAGES = ("queue", "run", "finish")  # milliseconds, from `RequestSpan.figures`
+SPAN_STAGES = ("queue", "run", "compute", "finish")  # milliseconds, from `RequestSpan.figures`
 SPAN_MARKS = {"started_at": "started", "ready_at": "ready"}  # absolute times, as Server-Timing `desc`
 
 
