@@ -16,15 +16,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.host import cpu_counters, describe_host
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def environment() -> dict:
+def environment(counters_at_start: dict[str, int] | None = None) -> dict:
+    """The machine a result was measured on, and how much of its CPU the host took since the run began."""
     import torch
 
     return {"cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "machine": platform.machine(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **describe_host(counters_at_start)}
 
 
 def write(name: str, payload: dict) -> Path:
@@ -39,12 +42,12 @@ def baseline(state_dir: str) -> dict:
     from bench.inprocess import make_engine, sampling_throughput, train_step_time
     from bench.workloads import BATCH_SIZE, BENCH_MODEL, LORA_RANK, SEQ_LEN
 
-    started = time.perf_counter()
+    started, counters = time.perf_counter(), cpu_counters()
     engine = make_engine(state_dir)
     train = train_step_time(engine)
     sample = sampling_throughput(engine)
     result = {"model": BENCH_MODEL, "batch": [BATCH_SIZE, SEQ_LEN], "lora_rank": LORA_RANK,
-              "train": train, "sampling": sample, "env": environment(),
+              "train": train, "sampling": sample, "env": environment(counters),
               "wall_s": time.perf_counter() - started}
     print(f"in-process: {train['p50_s'] * 1000:.1f} ms/step, {train['train_tokens_per_s']:.0f} train tok/s; "
           f"sampling {sample['sampled_tokens_per_s']:.0f} tok/s")
@@ -55,10 +58,10 @@ def baseline(state_dir: str) -> dict:
 def rpc_overhead(state_dir: str) -> dict:
     from bench.remote import remote_paths
 
-    started = time.perf_counter()
+    started, counters = time.perf_counter(), cpu_counters()
     with tempfile.TemporaryDirectory(prefix="twinkle-bench-") as work:
         result, client = remote_paths(state_dir, work)
-    result["env"] = client["env"] = environment()
+    result["env"] = client["env"] = environment(counters)
     result["wall_s"] = client["wall_s"] = time.perf_counter() - started
     for front, figures in result["fronts"].items():
         print(f"SDK via server ({front}): {figures['sdk_pipelined_step_s'] * 1000:.1f} ms/step pipelined vs "
@@ -77,10 +80,10 @@ def rpc_overhead(state_dir: str) -> dict:
 
 def _timed(name: str, run) -> dict:
     """Run one benchmark module's `run()`, stamp its wall time and environment, write its JSON."""
-    started = time.perf_counter()
+    started, counters = time.perf_counter(), cpu_counters()
     result = run()
     result["wall_s"] = time.perf_counter() - started
-    result["env"] = environment()
+    result["env"] = environment(counters)
     write(name, result)
     return result
 
