@@ -6,6 +6,7 @@ import gc
 import time
 from pathlib import Path
 
+from bench.contention import split_overhead, step_under_load
 from bench.inprocess import make_engine, train_step_time, trivial_forward_time
 from bench.workloads import (BENCH_MODEL, LORA_RANK, MEASURED_STEPS, WARMUP_STEPS, sft_batch, summarize, tinker_batch,
                              tokens_in, trivial_batch)
@@ -250,7 +251,7 @@ def _scheduler_figures(url: str) -> dict:
     reply = requests.get(url + "/api/v1/admin/status", headers={"Authorization": f"Bearer {OPERATOR_KEY}"})
     reply.raise_for_status()
     stats = reply.json()["models"][BENCH_MODEL]
-    return {"execute_ms_p50": stats["execute_ms_p50"], "train_passes": stats["train_passes"]}
+    return {key: stats[key] for key in ("execute_ms_p50", "compute_ms_p50", "train_passes")}
 
 
 def one_front(front: str, batch, vocab_size: int, state_dir: str, work_dir: str, overrides: dict | None = None,
@@ -339,11 +340,16 @@ def remote_paths(state_dir: str, work_dir: str) -> tuple[dict, dict]:
             "overhead_ms_per_step": (sdk["pipelined"]["p50_s"] - inproc["p50_s"]) * 1000,
             "worker_pass_ms_p50": pass_ms,  # the scheduler's forward_backward batches, worker included
             "worker_ops_ms_p50": result["scheduler"]["execute_ms_p50"].get("ops"),
+            "worker_compute_ms_p50": result["scheduler"]["compute_ms_p50"],  # per batch kind, no Ray hops
             "cpu_ms_per_step": sdk.get("cpu_ms_per_step"),  # by process, over the pipelined steps
             **{k: v for k, v in result.items() if k not in ("sdk", "scheduler")},
             "details": sdk,
         }
     default = by_front[FRONTS[0]]
+    engine = make_engine(state_dir)
+    contention = {**split_overhead(inproc["p50_s"], default["sdk_pipelined_step_s"], default["worker_compute_ms_p50"]),
+                  "control": step_under_load(engine, default["cpu_ms_per_step"], default["sdk_pipelined_step_s"])}
+    del engine
     return {
         "ratio": default["ratio"],
         "trivial_forward_ms": default["trivial_forward_ms"],
@@ -359,6 +365,7 @@ def remote_paths(state_dir: str, work_dir: str) -> tuple[dict, dict]:
         "hops_ms": default["hops_ms"],
         "timeline_ms": default["timeline_ms"],
         "cpu_ms_per_step": default["cpu_ms_per_step"],
+        "contention": contention,
         "serve_default_loop": {key: by_front[SERVE_DEFAULT_LOOP[0]][key]
                                for key in ("ratio", "trivial_forward_ms", "trivial_round_trip_ms", "cpu_ms_per_step")},
         "fronts": by_front,
@@ -376,5 +383,11 @@ def remote_paths(state_dir: str, work_dir: str) -> tuple[dict, dict]:
                 "timeline_ms tiles it with the request's absolute marks (submit_to_start: client send to its batch "
                 "starting; ready_to_client: result ready to the client holding it); cpu_ms_per_step: CPU ms each "
                 "process of the server (and the SDK client) spends per pipelined step; serve_default_loop: the "
-                "default front with Ray Serve's own 0.1 s controller interval instead of serve_control_loop_s=1",
+                "default front with Ray Serve's own 0.1 s controller interval instead of serve_control_loop_s=1; "
+                "contention: the overhead per step split into the workers' compute slowing down in the server "
+                "(contention_ms_per_step = their own fb + optim_step medians minus the in-process step: what a GPU "
+                "worker would not pay) and the rest (request_path_ms_per_step: the worker waiting on hops, HTTP "
+                "and the SDK, which it keeps); ratio_without_contention = B1 with the in-process compute time; "
+                "control: the in-process step alone and beside helper processes keeping busy the share of a core "
+                "the server's other processes and the SDK used per step, with no server running",
     }, client_result

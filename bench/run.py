@@ -69,6 +69,12 @@ def rpc_overhead(state_dir: str) -> dict:
               f"{figures['trivial_forward_ms']:.1f} ms (in-process {result['inprocess_trivial_forward_ms']:.1f}); "
               f"empty optim_step {figures['trivial_round_trip_ms']:.1f} ms = {figures['hops_ms']}")
     print(f"CPU ms per pipelined step by process ({result['front']}): {result['cpu_ms_per_step']}")
+    split, control = result["contention"], result["contention"]["control"]
+    print(f"of the {result['overhead_ms_per_step']:.0f} ms overhead per step: the workers' compute slowed by "
+          f"{split['contention_ms_per_step']:.0f} ms (CPU contention), request path {split['request_path_ms_per_step']:.0f} "
+          f"ms -> ratio without contention {split['ratio_without_contention']:.3f}; control: in-process step "
+          f"{control['inprocess_step_alone_s'] * 1000:.0f} ms alone, {control['inprocess_step_under_load_s'] * 1000:.0f} "
+          f"ms beside {control['other_processes_core_share']:.2f} of a core of load")
     print(f"{result['request_bytes_per_token']:.1f} request bytes/token (raw {result['raw_binary_bytes_per_token']:.0f})")
     write("rpc_overhead", result)
     print(f"Twinkle client via server: {client['http_client_pipelined_step_s'] * 1000:.1f} ms/step -> ratio "

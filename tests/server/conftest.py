@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.server.sdk_sessions import end_sdk_session
 from twinkle.devserver import DevServer, start_dev_server
 
 KEYS = {"alice": "tml-alice-key", "bob": "tml-bob-key", "quota": "tml-quota-key", "slow": "tml-slow-key"}
@@ -45,26 +46,26 @@ def service(server):
 
     client = tinker.ServiceClient(base_url=server.url, api_key=server.keys["alice"])
     yield client
-    try:
-        client.close("success").result(timeout=30)
-    except Exception:
-        pass
+    end_sdk_session(client)
 
 
 @pytest.fixture
-def tinker_client(server):
-    """Factory: an unmodified Tinker SDK ServiceClient for a tenant."""
+def sdk_sessions():
+    """Factory: an unmodified Tinker SDK ServiceClient for (url, key), its session ended at teardown."""
     import tinker
 
     made = []
 
-    def make(tenant: str = "alice"):
-        made.append(tinker.ServiceClient(base_url=server.url, api_key=server.keys[tenant]))
+    def make(url: str, api_key: str):
+        made.append(tinker.ServiceClient(base_url=url, api_key=api_key))
         return made[-1]
 
     yield make
-    for client in made:  # end each session, so no heartbeat is in flight when pytest exits
-        try:
-            client.close("success").result(timeout=30)
-        except Exception:
-            pass
+    for service in made:
+        end_sdk_session(service)
+
+
+@pytest.fixture
+def tinker_client(server, sdk_sessions):
+    """Factory: an unmodified Tinker SDK ServiceClient for a tenant of the shared server."""
+    return lambda tenant="alice": sdk_sessions(server.url, server.keys[tenant])

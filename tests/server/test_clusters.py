@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.server.sdk_sessions import sdk_session
 from twinkle.actors.group import placement_problem
 from twinkle.config import load_config
 from twinkle.devserver import free_port
@@ -323,29 +324,28 @@ def _alive_actors(cluster) -> list:
 
 
 def _train_save_sample_load(url: str) -> dict:
-    import tinker
     from tinker import types
 
-    service = tinker.ServiceClient(base_url=url, api_key=KEY)
-    client = service.create_lora_training_client(base_model="twinkle-tiny", rank=4, seed=3)
-    client = client.result() if hasattr(client, "result") else client
-    tokens = list(range(40, 72))
-    datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
-    losses = []
-    for _ in range(6):
-        fb = client.forward_backward([datum], "cross_entropy")
-        client.optim_step(types.AdamParams(learning_rate=1e-2)).result()
-        losses.append(fb.result().metrics["loss:sum"])
-    path = client.save_state("on-node-two").result().path
-    sampler = client.save_weights_and_get_sampling_client().result()
-    out = sampler.sample(types.ModelInput.from_ints(tokens[:8]), num_samples=1,
-                         sampling_params=types.SamplingParams(max_tokens=6, temperature=0.0)).result()
-    restored = service.create_training_client_from_state(path).result()
-    loaded = restored.forward([datum], "cross_entropy").result()
-    trained = client.forward([datum], "cross_entropy").result()
-    return {"losses": losses, "path": path, "sample": list(out.sequences[0].tokens),
-            "loaded": loaded.metrics["loss:sum"], "trained": trained.metrics["loss:sum"]}
+    with sdk_session(url, KEY) as service:
+        client = service.create_lora_training_client(base_model="twinkle-tiny", rank=4, seed=3)
+        client = client.result() if hasattr(client, "result") else client
+        tokens = list(range(40, 72))
+        datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                            loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
+        losses = []
+        for _ in range(6):
+            fb = client.forward_backward([datum], "cross_entropy")
+            client.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+            losses.append(fb.result().metrics["loss:sum"])
+        path = client.save_state("on-node-two").result().path
+        sampler = client.save_weights_and_get_sampling_client().result()
+        out = sampler.sample(types.ModelInput.from_ints(tokens[:8]), num_samples=1,
+                             sampling_params=types.SamplingParams(max_tokens=6, temperature=0.0)).result()
+        restored = service.create_training_client_from_state(path).result()
+        loaded = restored.forward([datum], "cross_entropy").result()
+        trained = client.forward([datum], "cross_entropy").result()
+        return {"losses": losses, "path": path, "sample": list(out.sequences[0].tokens),
+                "loaded": loaded.metrics["loss:sum"], "trained": trained.metrics["loss:sum"]}
 
 
 def _wait_healthy(cluster, job_id: str, port: int, timeout_s: float = 240) -> float:

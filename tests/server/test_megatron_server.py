@@ -18,6 +18,7 @@ import yaml
 
 from tests.server.conftest import start_twinkle_server
 from tests.server.raw import Raw
+from tests.server.sdk_sessions import sdk_session
 
 tinker = pytest.importorskip("tinker")
 from tinker import types  # noqa: E402
@@ -48,8 +49,12 @@ def megatron_server(tmp_path_factory):
 
 def _sft_losses(url: str, key: str, steps: int = 5) -> list[float]:
     """The cookbook's SFT loop through the unmodified SDK: the loss:sum of each step."""
-    service = tinker.ServiceClient(base_url=url, api_key=key)
-    client = service.create_lora_training_client(base_model="twinkle-tiny", rank=8, seed=7).result()
+    with sdk_session(url, key) as service:
+        return _sft_losses_of(service.create_lora_training_client(base_model="twinkle-tiny", rank=8, seed=7).result(),
+                              steps)
+
+
+def _sft_losses_of(client, steps: int) -> list[float]:
     tokenizer = client.get_tokenizer()
     data = []
     for text in SENTENCES:

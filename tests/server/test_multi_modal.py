@@ -17,6 +17,7 @@ import requests
 
 from tests.server.conftest import KEYS, start_twinkle_server, stop_twinkle_server
 from tests.server.images import png, png_bomb
+from tests.server.sdk_sessions import sdk_session
 from twinkle.config import ServerConfig
 
 tinker = pytest.importorskip("tinker")
@@ -83,8 +84,8 @@ def chat(vl_server):
     from transformers import AutoImageProcessor, AutoTokenizer
 
     # the server published the built-in model's tokenizer and image processor into the local HF cache
-    service = tinker.ServiceClient(base_url=vl_server.url, api_key=KEYS["alice"])
-    service.get_server_capabilities()
+    with sdk_session(vl_server.url, KEYS["alice"]) as service:
+        service.get_server_capabilities()
     return Chat(AutoTokenizer.from_pretrained("twinkle-tiny-vl"), AutoImageProcessor.from_pretrained("twinkle-tiny-vl"))
 
 
@@ -105,8 +106,8 @@ def test_capabilities_say_which_models_take_images(vl_server):
     assert takes == {"twinkle-tiny-vl": ["text", "image"], "my-vl": ["text", "image"], "twinkle-tiny": ["text"]}
 
 
-def test_sdk_trains_an_image_adapter_that_changes_what_is_sampled(vl_server, chat):
-    service = tinker.ServiceClient(base_url=vl_server.url, api_key=KEYS["alice"])
+def test_sdk_trains_an_image_adapter_that_changes_what_is_sampled(vl_server, chat, sdk_sessions):
+    service = sdk_sessions(vl_server.url, KEYS["alice"])
     training = service.create_lora_training_client(base_model="twinkle-tiny-vl", rank=16, seed=3).result()
     images = {name: png(rgb) for name, rgb in COLOURS.items()}
     data = [chat.datum(images[name], name) for name in COLOURS]
@@ -141,7 +142,7 @@ def test_sdk_trains_an_image_adapter_that_changes_what_is_sampled(vl_server, cha
     assert len(trained.sample(text, 1, types.SamplingParams(max_tokens=3, seed=1)).result().sequences[0].tokens) >= 1
 
     # another tenant sees none of it: not the model, not its checkpoint
-    bob = tinker.ServiceClient(base_url=vl_server.url, api_key=KEYS["bob"])
+    bob = sdk_sessions(vl_server.url, KEYS["bob"])
     with pytest.raises(tinker.NotFoundError):
         bob.create_training_client_from_state(training.save_state("mine").result().path).result()
     reply = requests.post(f"{vl_server.url}/api/v1/get_info", json={"model_id": training.model_id},
@@ -153,8 +154,8 @@ def _error(exc_info) -> str:
     return str(exc_info.value)
 
 
-def test_bad_images_are_refused_naming_the_chunk(vl_server, chat):
-    service = tinker.ServiceClient(base_url=vl_server.url, api_key=KEYS["alice"])
+def test_bad_images_are_refused_naming_the_chunk(vl_server, chat, sdk_sessions):
+    service = sdk_sessions(vl_server.url, KEYS["alice"])
     training = service.create_lora_training_client(base_model="twinkle-tiny-vl", rank=4, seed=1).result()
     good = chat.datum(png(COLOURS["red"]), "red")
     before = training.forward([good], "cross_entropy").result().metrics["loss:sum"]
@@ -210,9 +211,9 @@ def test_bad_images_are_refused_naming_the_chunk(vl_server, chat):
     assert after == pytest.approx(before, rel=1e-6)
 
 
-def test_json_protocol_carries_images_like_protobuf(vl_server, chat):
+def test_json_protocol_carries_images_like_protobuf(vl_server, chat, sdk_sessions):
     """SDK <= 0.24 sends JSON with base64 image data; without expected_tokens the server counts it."""
-    service = tinker.ServiceClient(base_url=vl_server.url, api_key=KEYS["alice"])
+    service = sdk_sessions(vl_server.url, KEYS["alice"])
     training = service.create_lora_training_client(base_model="twinkle-tiny-vl", rank=4, seed=2).result()
     red = png(COLOURS["red"])
     datum = chat.datum(red, "red")
@@ -239,8 +240,8 @@ def test_json_protocol_carries_images_like_protobuf(vl_server, chat):
     assert out["loss_fn_outputs"][0]["logprobs"]["data"] == pytest.approx(proto, abs=1e-5)
 
 
-def test_a_vl_model_saved_to_a_folder_is_served_by_path(vl_server, chat):
-    service = tinker.ServiceClient(base_url=vl_server.url, api_key=KEYS["alice"])
+def test_a_vl_model_saved_to_a_folder_is_served_by_path(vl_server, chat, sdk_sessions):
+    service = sdk_sessions(vl_server.url, KEYS["alice"])
     training = service.create_lora_training_client(base_model="my-vl", rank=4, seed=3).result()
     red = png(COLOURS["red"])
     datum = chat.datum(red, "red")
@@ -271,10 +272,10 @@ def test_cookbook_multi_modal_recipe_learns_the_colours(vl_server, tmp_path):
     assert (tmp_path / "loss.png").is_file()
 
 
-def test_the_servers_larger_pixel_limit_reaches_the_worker(vl_server, chat):
+def test_the_servers_larger_pixel_limit_reaches_the_worker(vl_server, chat, sdk_sessions):
     """max_image_pixels is twice the default here: the worker accepts a 5000 x 4000 image (20 Mpx) that
     the default limit (16 Mpx) would refuse, because it re-checks with the server's limits."""
-    service = tinker.ServiceClient(base_url=vl_server.url, api_key=KEYS["alice"])
+    service = sdk_sessions(vl_server.url, KEYS["alice"])
     training = service.create_lora_training_client(base_model="twinkle-tiny-vl", rank=4, seed=4).result()
     out = training.forward([chat.datum(png(COLOURS["green"], size=(5000, 4000)), "green")], "cross_entropy").result()
     assert np.isfinite(out.metrics["loss:sum"])
@@ -300,7 +301,7 @@ def test_train_vision_on_a_text_only_model_is_a_400(vl_server):
     assert accepted.status_code == 200, accepted.text
 
 
-def test_a_remote_tinker_client_gets_the_image_processor_from_the_server(vl_server, tmp_path):
+def test_a_remote_tinker_client_gets_the_image_processor_from_the_server(vl_server, tmp_path, sdk_sessions):
     """A client on another machine (an empty Hugging Face cache, offline) counts an image's tokens with the
     processor `twinkle.tinker_patch.get_image_processor` fetches from the server, and the server agrees
     with that count."""
@@ -332,15 +333,12 @@ print(json.dumps({{"local": local, "tokens": int(np.prod(grid)) // processor.mer
     assert done.returncode == 0, done.stderr[-3000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["local"] is False  # nothing of the model on this "machine": the files came from the server
-    service = tinker.ServiceClient(base_url=vl_server.url, api_key=KEYS["alice"])
-    try:
-        training = service.create_lora_training_client(base_model="twinkle-tiny-vl", rank=4, seed=0).result()
-        image = png((200, 30, 30), size=(96, 64))
-        chunk = types.ImageChunk(data=image, format="png", expected_tokens=seen["tokens"])
-        out = training.forward([types.Datum(model_input=types.ModelInput(chunks=[chunk]),
-                                            loss_fn_inputs={"target_tokens": [0] * seen["tokens"],
-                                                            "weights": [0.0] * seen["tokens"]})],
-                               "cross_entropy").result()
-        assert len(out.loss_fn_outputs[0]["logprobs"].tolist()) == seen["tokens"]  # the server agrees
-    finally:
-        service.close("success").result(timeout=30)
+    service = sdk_sessions(vl_server.url, KEYS["alice"])
+    training = service.create_lora_training_client(base_model="twinkle-tiny-vl", rank=4, seed=0).result()
+    image = png((200, 30, 30), size=(96, 64))
+    chunk = types.ImageChunk(data=image, format="png", expected_tokens=seen["tokens"])
+    out = training.forward([types.Datum(model_input=types.ModelInput(chunks=[chunk]),
+                                        loss_fn_inputs={"target_tokens": [0] * seen["tokens"],
+                                                        "weights": [0.0] * seen["tokens"]})],
+                           "cross_entropy").result()
+    assert len(out.loss_fn_outputs[0]["logprobs"].tolist()) == seen["tokens"]  # the server agrees

@@ -152,7 +152,7 @@ def test_bad_images_through_twinkle_api_are_refused_by_name(backend):
     assert model.forward([good]).result().metrics["loss:sum"] == pytest.approx(before, rel=1e-6)
 
 
-def test_the_servers_smaller_pixel_limit_refuses_through_both_apis(backend, vl_server):
+def test_the_servers_smaller_pixel_limit_refuses_through_both_apis(backend, vl_server, sdk_sessions):
     """A real 1500 x 1500 image (2.25 Mpx: the default limit takes it) is refused with this server's
     limit, through Twinkle's API and the Tinker protocol alike."""
     import tinker
@@ -172,7 +172,7 @@ def test_the_servers_smaller_pixel_limit_refuses_through_both_apis(backend, vl_s
         tokenizer, [{**messages[0], "content": [{"type": "image", "image": png()}, messages[0]["content"][1]]},
                     messages[1]], image_processor=processor)]).result().metrics["loss:sum"])
 
-    service = tinker.ServiceClient(base_url=vl_server.url, api_key=TINKER_KEY)
+    service = sdk_sessions(vl_server.url, TINKER_KEY)
     training = service.create_lora_training_client(base_model="twinkle-tiny-vl", rank=4, seed=1).result()
     chunks = [types.EncodedTextChunk(tokens=[10, 11]), types.ImageChunk(data=big, format="png", expected_tokens=4),
               types.EncodedTextChunk(tokens=[12])]

@@ -24,6 +24,8 @@ def test_a_tenant_sees_only_its_own_models_in_the_status(server):
         status = _get(server, "/api/v1/twinkle/status", raw.http.headers["X-API-Key"]).json()["models"][BASE]
         assert own in status["resident_models"] and other not in status["resident_models"]
         assert "queued_by_tenant" not in status and "tenants" not in status
+    # each batch kind's median time, and how much of it the workers computed (the rest is Ray's hops)
+    assert 0 < status["compute_ms_p50"]["pass"] <= status["execute_ms_p50"]["pass"], status
 
 
 def test_the_operator_view_needs_an_operator_key(server):

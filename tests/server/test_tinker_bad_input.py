@@ -26,6 +26,8 @@ tinker = pytest.importorskip("tinker")
 from tinker import types  # noqa: E402
 from tinker.proto import request_conv  # noqa: E402
 
+from tests.server.sdk_sessions import end_sdk_session  # noqa: E402
+
 pytestmark = pytest.mark.timeout(300)  # per test, including a first-use server start
 
 BASE = "twinkle-tiny"
@@ -110,10 +112,7 @@ def loss_of(output) -> float:
 def alice(server):
     service = tinker.ServiceClient(base_url=server.url, api_key=server.keys["alice"])
     yield service
-    try:
-        service.close("success").result(timeout=30)
-    except Exception:
-        pass
+    end_sdk_session(service)
 
 
 class Lockstep:
@@ -199,10 +198,7 @@ class BobTrainer(threading.Thread):
         except BaseException as exc:  # reported by test_bob_kept_training
             self.errors.append(exc)
         finally:
-            try:
-                service.close("success").result(timeout=30)
-            except Exception:
-                pass
+            end_sdk_session(service)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,8 @@ tinker = pytest.importorskip("tinker")
 from tinker import types  # noqa: E402
 from tinker.proto import request_conv  # noqa: E402
 
+from tests.server.sdk_sessions import end_sdk_session  # noqa: E402
+
 pytestmark = pytest.mark.timeout(300)  # per test, including a first-use server start
 
 BASE = "twinkle-tiny"
@@ -89,20 +91,14 @@ def service_for(server, tenant: str):
 def alice(server):
     service = service_for(server, "alice")
     yield service
-    try:
-        service.close("success").result(timeout=30)
-    except Exception:
-        pass
+    end_sdk_session(service)
 
 
 @pytest.fixture(scope="module")
 def bob(server):
     service = service_for(server, "bob")
     yield service
-    try:
-        service.close("success").result(timeout=30)
-    except Exception:
-        pass
+    end_sdk_session(service)
 
 
 @pytest.fixture(scope="module")
@@ -415,8 +411,8 @@ def test_bad_key_is_401_with_json_body(server, headers):
     assert requests.get(api(server, "healthz"), timeout=10).status_code == 200
 
 
-def test_sdk_with_wrong_key_raises_authentication_error(server):
-    service = tinker.ServiceClient(base_url=server.url, api_key="tml-not-a-real-key")
+def test_sdk_with_wrong_key_raises_authentication_error(server, sdk_sessions):
+    service = sdk_sessions(server.url, "tml-not-a-real-key")
     started = time.time()
     with pytest.raises(tinker.AuthenticationError):
         service.create_lora_training_client(base_model=BASE, rank=RANK).result(timeout=120)

@@ -19,6 +19,7 @@ tinker = pytest.importorskip("tinker")
 from tinker import types  # noqa: E402
 
 from tests.server.conftest import KEYS, TEST_TIMEOUTS  # noqa: E402
+from tests.server.sdk_sessions import end_sdk_session  # noqa: E402
 from twinkle.actors.vllm_group import MAKE_TARGET, vllm_python  # noqa: E402
 from twinkle.devserver import start_dev_server  # noqa: E402
 
@@ -71,7 +72,9 @@ def tenants(vllm_server):
         client = service.create_lora_training_client(base_model=BASE, rank=8, seed=seed).result()
         train(client, TEXTS[tenant], steps=4)
         made[tenant] = (service, client)
-    return made
+    yield made
+    for service, _ in made.values():
+        end_sdk_session(service)
 
 
 def check_sampled_logprobs(client, prompt: list[int], result) -> float:

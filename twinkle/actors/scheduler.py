@@ -76,6 +76,7 @@ class ModelScheduler:
         self._started = False
         self._published = False
         self._timings: dict[str, deque] = {}  # recent execution times per batch kind, for stats()
+        self._compute: dict[str, deque] = {}  # the workers' own seconds in those batches (no Ray hops)
         self._counters: Counter[str] = Counter()  # passes, requests in them, ... since the start
         self._ordering: SeqOrdering | None = None
         self._train: TrainLane | None = None
@@ -347,7 +348,10 @@ class ModelScheduler:
                 results = self._results_of(batch)
         except Exception as exc:  # the workers could not start or died: every request of the batch fails
             results = {item.request_id: exc for item in batch.items}
-        self._spans.ran(request_ids, time.perf_counter() - started, remote_backend.compute_seconds())
+        compute_s = remote_backend.compute_seconds()
+        self._spans.ran(request_ids, time.perf_counter() - started, compute_s)
+        if compute_s is not None:
+            self._compute.setdefault(batch.kind, deque(maxlen=200)).append(compute_s)
         losses = [r for r in results.values() if isinstance(r, BaseException) and recovery.is_worker_loss(r)]
         if losses:
             notes = self._workers.on_loss(group, losses[0])
@@ -510,7 +514,8 @@ class ModelScheduler:
                                                  "max_models_per_pass", "sample_batches", "sample_requests")},
             "worker_losses": self._workers.losses if self._workers else 0,
             "rebuilding": bool(self._workers and self._workers.rebuilding),
-            "execute_ms_p50": {k: round(1000 * sorted(d)[len(d) // 2], 2) for k, d in self._timings.items() if d},
+            "execute_ms_p50": _p50_ms(self._timings),
+            "compute_ms_p50": _p50_ms(self._compute),
             "queued_by_lane": {"train": self._train.queued(), "sample": self._sample.queued()} if self._train else {},
             "workers": {"backend": self.model.backend, "configured": self.model.num_workers,
                         "cpus_per_worker": self.model.cpus_per_worker, "gpus_per_worker": self.model.gpus_per_worker},
@@ -521,6 +526,11 @@ class ModelScheduler:
             view["queued_by_tenant"] = dict(self._queued)
             view["lost_models"] = sorted(service.lost_models) if service else []
         return view
+
+
+def _p50_ms(recent: dict[str, deque]) -> dict[str, float]:
+    """The median of each batch kind's recent seconds, in milliseconds."""
+    return {kind: round(1000 * sorted(d)[len(d) // 2], 2) for kind, d in recent.items() if d}
 
 
 def _error_dict(exc: BaseException, item: WorkItem) -> dict:

@@ -1,0 +1,50 @@
+"""The benchmark's split of the server's overhead into CPU contention and request-path latency."""
+
+import resource
+
+import pytest
+
+from bench.contention import other_core_share, split_overhead
+from bench.cpu_load import MAX_SHARE_PER_HELPER, cpu_load, duty_cycles
+
+
+def _share(cycles):
+    return sum(busy / (busy + idle) for busy, idle in cycles)
+
+
+@pytest.mark.parametrize("share", [0.05, 0.35, 0.9, 1.4, 2.5])
+def test_the_helpers_together_keep_the_requested_share_of_a_core_busy(share):
+    cycles = duty_cycles(share)
+    assert _share(cycles) == pytest.approx(share)
+    assert all(busy / (busy + idle) <= MAX_SHARE_PER_HELPER + 1e-9 for busy, idle in cycles)
+    assert len(cycles) == (1 if share <= MAX_SHARE_PER_HELPER else 2 if share < 1.8 else 3)
+
+
+def test_no_load_means_no_helper():
+    assert duty_cycles(0.0) == [] and duty_cycles(-1.0) == []
+
+
+def test_the_load_counts_every_process_but_the_worker():
+    cpu = {"model_worker": 370.0, "ingress_replica": 35.0, "scheduler": 25.0, "sdk_client": 20.0}
+    assert other_core_share(cpu, step_s=0.4) == pytest.approx(80.0 / 400.0)
+
+
+def test_the_load_runs_in_helper_processes_only_while_the_block_runs():
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with cpu_load(0.5):
+        import time
+
+        time.sleep(1.0)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the helpers were joined: their CPU is counted
+    used = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    assert used >= 0.15, used  # about 0.5 s of bursts; a helper's start alone takes a few tens of ms
+
+
+def test_the_overhead_splits_into_slower_compute_and_the_request_path():
+    """In-process 200 ms; in the server the workers computed 230 + 20 ms of a 300 ms SDK step."""
+    split = split_overhead(0.200, 0.300, {"pass": 230.0, "ops": 20.0, "sample": 99.0})
+    assert split["worker_compute_ms_per_step"] == pytest.approx(250.0)
+    assert split["contention_ms_per_step"] == pytest.approx(50.0)
+    assert split["request_path_ms_per_step"] == pytest.approx(50.0)
+    assert split["contention_ms_per_step"] + split["request_path_ms_per_step"] == pytest.approx(300.0 - 200.0)
+    assert split["ratio_without_contention"] == pytest.approx(200.0 / 250.0)  # compute at in-process speed
