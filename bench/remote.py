@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import time
 from pathlib import Path
 
@@ -52,6 +53,19 @@ def cpu_seconds_by_role(server_pid: int) -> dict[str, float]:
     return totals
 
 
+def cpu_ms_per_call(before: dict[str, float], after: dict[str, float], calls: int) -> dict[str, float]:
+    """CPU ms per call of each process role between two `cpu_seconds_by_role` readings, largest first."""
+    return {role: round(1000 * (after[role] - before.get(role, 0.0)) / calls, 2)
+            for role in sorted(after, key=lambda r: before.get(r, 0.0) - after[r])}
+
+
+def cpu_floor_ms(cpu_ms: dict[str, float] | None, cores: int | None = None) -> float | None:
+    """The shortest wall time in which this machine's cores can supply the CPU ms the processes spent."""
+    if not cpu_ms:
+        return None
+    return round(sum(cpu_ms.values()) / (cores or os.cpu_count() or 1), 2)
+
+
 def sdk_loop(url: str, batch, vocab_size: int, steps: int = MEASURED_STEPS, then=None, cpu=None) -> dict:
     """Pipelined and naive SFT steps and trivial round trips through the unmodified SDK; `then(model_id)`
     runs before the session closes, its result under "then"; `cpu()` (CPU seconds by process role) is
@@ -86,9 +100,7 @@ def sdk_loop(url: str, batch, vocab_size: int, steps: int = MEASURED_STEPS, then
                 times.append(time.perf_counter() - start)
         results[name] = summarize(times)
         if name == "pipelined" and cpu is not None:
-            after = cpu()
-            results["cpu_ms_per_step"] = {role: round(1000 * (after[role] - before.get(role, 0.0)) / steps, 2)
-                                          for role in sorted(after, key=lambda r: before.get(r, 0.0) - after[r])}
+            results["cpu_ms_per_step"] = cpu_ms_per_call(before, cpu(), steps)
     trivial = []
     for _ in range(20):
         start = time.perf_counter()
@@ -98,11 +110,15 @@ def sdk_loop(url: str, batch, vocab_size: int, steps: int = MEASURED_STEPS, then
     tiny = tinker_batch(trivial_batch(vocab_size))
     forwards = []
     for i in range(WARMUP_STEPS + 20):
+        if i == WARMUP_STEPS and cpu is not None:
+            before = cpu()
         start = time.perf_counter()
         client.forward(tiny, "cross_entropy").result()
         if i >= WARMUP_STEPS:
             forwards.append(time.perf_counter() - start)
     results["trivial_forward"] = summarize(forwards)
+    if cpu is not None:
+        results["cpu_ms_per_trivial_forward"] = cpu_ms_per_call(before, cpu(), len(forwards))
     if then is not None:
         results["then"] = then(client.model_id)
     service.close("success").result(timeout=60)  # a reply landing during exit would abort the process
@@ -342,6 +358,7 @@ def remote_paths(state_dir: str, work_dir: str) -> tuple[dict, dict]:
             "worker_ops_ms_p50": result["scheduler"]["execute_ms_p50"].get("ops"),
             "worker_compute_ms_p50": result["scheduler"]["compute_ms_p50"],  # per batch kind, no Ray hops
             "cpu_ms_per_step": sdk.get("cpu_ms_per_step"),  # by process, over the pipelined steps
+            "cpu_ms_per_trivial_forward": sdk.get("cpu_ms_per_trivial_forward"),  # by process, over B1b's calls
             **{k: v for k, v in result.items() if k not in ("sdk", "scheduler")},
             "details": sdk,
         }
@@ -365,6 +382,8 @@ def remote_paths(state_dir: str, work_dir: str) -> tuple[dict, dict]:
         "hops_ms": default["hops_ms"],
         "timeline_ms": default["timeline_ms"],
         "cpu_ms_per_step": default["cpu_ms_per_step"],
+        "cpu_ms_per_trivial_forward": default["cpu_ms_per_trivial_forward"],
+        "trivial_forward_cpu_floor_ms": cpu_floor_ms(default["cpu_ms_per_trivial_forward"]),
         "contention": contention,
         "serve_default_loop": {key: by_front[SERVE_DEFAULT_LOOP[0]][key]
                                for key in ("ratio", "trivial_forward_ms", "trivial_round_trip_ms", "cpu_ms_per_step")},
@@ -382,7 +401,9 @@ def remote_paths(state_dir: str, work_dir: str) -> tuple[dict, dict]:
                 "the rest of the batch's time in the workers, i.e. the Ray hops); "
                 "timeline_ms tiles it with the request's absolute marks (submit_to_start: client send to its batch "
                 "starting; ready_to_client: result ready to the client holding it); cpu_ms_per_step: CPU ms each "
-                "process of the server (and the SDK client) spends per pipelined step; serve_default_loop: the "
+                "process of the server (and the SDK client) spends per pipelined step, and cpu_ms_per_trivial_forward per "
+                "B1b call, and trivial_forward_cpu_floor_ms their sum over this machine's cores: no round trip that takes that "
+                "much CPU can be faster; serve_default_loop: the "
                 "default front with Ray Serve's own 0.1 s controller interval instead of serve_control_loop_s=1; "
                 "contention: the overhead per step split into the workers' compute slowing down in the server "
                 "(contention_ms_per_step = their own fb + optim_step medians minus the in-process step: what a GPU "

@@ -69,6 +69,8 @@ def rpc_overhead(state_dir: str) -> dict:
               f"{figures['trivial_forward_ms']:.1f} ms (in-process {result['inprocess_trivial_forward_ms']:.1f}); "
               f"empty optim_step {figures['trivial_round_trip_ms']:.1f} ms = {figures['hops_ms']}")
     print(f"CPU ms per pipelined step by process ({result['front']}): {result['cpu_ms_per_step']}")
+    print(f"CPU ms per trivial forward by process: {result['cpu_ms_per_trivial_forward']} -> no faster than "
+          f"{result['trivial_forward_cpu_floor_ms']} ms on this machine's cores")
     split, control = result["contention"], result["contention"]["control"]
     print(f"of the {result['overhead_ms_per_step']:.0f} ms overhead per step: the workers' compute slowed by "
           f"{split['contention_ms_per_step']:.0f} ms (CPU contention), request path {split['request_path_ms_per_step']:.0f} "

@@ -48,3 +48,21 @@ def test_the_overhead_splits_into_slower_compute_and_the_request_path():
     assert split["request_path_ms_per_step"] == pytest.approx(50.0)
     assert split["contention_ms_per_step"] + split["request_path_ms_per_step"] == pytest.approx(300.0 - 200.0)
     assert split["ratio_without_contention"] == pytest.approx(200.0 / 250.0)  # compute at in-process speed
+
+
+def test_cpu_per_call_is_each_roles_growth_over_the_calls_largest_first():
+    from bench.remote import cpu_ms_per_call
+
+    before = {"model_worker": 1.0, "sdk_client": 0.5}
+    after = {"model_worker": 1.2, "sdk_client": 1.5, "scheduler": 0.1}  # the scheduler started meanwhile
+    per_call = cpu_ms_per_call(before, after, calls=10)
+    assert per_call == pytest.approx({"sdk_client": 100.0, "model_worker": 20.0, "scheduler": 10.0})
+    assert list(per_call) == ["sdk_client", "model_worker", "scheduler"]
+
+
+def test_a_round_trip_is_no_faster_than_its_cpu_spread_over_the_cores():
+    from bench.remote import cpu_floor_ms
+
+    assert cpu_floor_ms({"model_worker": 16.0, "ingress_replica": 11.0, "sdk_client": 9.0}, cores=2) == 18.0
+    assert cpu_floor_ms({"model_worker": 16.0}, cores=4) == 4.0
+    assert cpu_floor_ms({}) is None and cpu_floor_ms(None) is None
