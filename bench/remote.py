@@ -9,6 +9,7 @@ from pathlib import Path
 
 from bench.contention import split_overhead, step_under_load
 from bench.inprocess import make_engine, train_step_time, trivial_forward_time
+from bench.rounds import ROUNDS, run_in_rounds, summary_with_samples
 from bench.workloads import (BENCH_MODEL, LORA_RANK, MEASURED_STEPS, WARMUP_STEPS, sft_batch, summarize, tinker_batch,
                              tokens_in, trivial_batch)
 from twinkle.devserver import start_dev_server
@@ -98,7 +99,7 @@ def sdk_loop(url: str, batch, vocab_size: int, steps: int = MEASURED_STEPS, then
             step()
             if i >= WARMUP_STEPS:
                 times.append(time.perf_counter() - start)
-        results[name] = summarize(times)
+        results[name] = summary_with_samples(times)
         if name == "pipelined" and cpu is not None:
             results["cpu_ms_per_step"] = cpu_ms_per_call(before, cpu(), steps)
     trivial = []
@@ -106,7 +107,7 @@ def sdk_loop(url: str, batch, vocab_size: int, steps: int = MEASURED_STEPS, then
         start = time.perf_counter()
         client.optim_step(adam).result()  # no gradients pending: almost no compute
         trivial.append(time.perf_counter() - start)
-    results["trivial_round_trip"] = summarize(trivial)
+    results["trivial_round_trip"] = summary_with_samples(trivial)
     tiny = tinker_batch(trivial_batch(vocab_size))
     forwards = []
     for i in range(WARMUP_STEPS + 20):
@@ -116,7 +117,7 @@ def sdk_loop(url: str, batch, vocab_size: int, steps: int = MEASURED_STEPS, then
         client.forward(tiny, "cross_entropy").result()
         if i >= WARMUP_STEPS:
             forwards.append(time.perf_counter() - start)
-    results["trivial_forward"] = summarize(forwards)
+    results["trivial_forward"] = summary_with_samples(forwards)
     if cpu is not None:
         results["cpu_ms_per_trivial_forward"] = cpu_ms_per_call(before, cpu(), len(forwards))
     if then is not None:
@@ -271,7 +272,7 @@ def _scheduler_figures(url: str) -> dict:
 
 
 def one_front(front: str, batch, vocab_size: int, state_dir: str, work_dir: str, overrides: dict | None = None,
-              folder: str | None = None) -> dict:
+              folder: str | None = None, steps: int = MEASURED_STEPS) -> dict:
     """B1 and B1b through one HTTP front, with the per-hop breakdown of the trivial round trip and the
     CPU each of the server's processes spends per pipelined step."""
     config = {"models": [{"name": BENCH_MODEL}], "state_dir": state_dir, "http_front": front,
@@ -279,8 +280,8 @@ def one_front(front: str, batch, vocab_size: int, state_dir: str, work_dir: str,
     tiny = trivial_batch(vocab_size)
     with start_dev_server(Path(work_dir) / f"rpc-{folder or front}", config=config,
                           keys={"bench": BENCH_KEY}) as server:
-        sdk = sdk_loop(server.url, batch, vocab_size, then=lambda model_id: (_scheduler_figures(server.url),
-                                                                 trivial_hops(server.url, model_id, tiny)),
+        sdk = sdk_loop(server.url, batch, vocab_size, steps=steps,
+                       then=lambda model_id: (_scheduler_figures(server.url), trivial_hops(server.url, model_id, tiny)),
                        cpu=lambda: cpu_seconds_by_role(server.process.pid))
         passes, hops = sdk.pop("then")  # the scheduler's figures are read after the SDK's steps
         floor = front_floor(server.url)
@@ -318,9 +319,16 @@ def remote_paths(state_dir: str, work_dir: str) -> tuple[dict, dict]:
     del engine
     gc.collect()
     local_call = local_trivial_round_trip(state_dir)
-    fronts = {front: one_front(front, batch, vocab_size, state_dir, work_dir) for front in FRONTS}
+    variants = {front: (front, None, front) for front in FRONTS}
     label, front, overrides = SERVE_DEFAULT_LOOP
-    fronts[label] = one_front(front, batch, vocab_size, state_dir, work_dir, overrides, folder="serve-default-loop")
+    variants[label] = (front, overrides, "serve-default-loop")
+
+    def run(label: str, number: int) -> dict:
+        front, overrides, folder = variants[label]
+        return one_front(front, batch, vocab_size, state_dir, work_dir, overrides, folder=f"{folder}-{number}",
+                         steps=MEASURED_STEPS // ROUNDS)
+
+    fronts = run_in_rounds(list(variants), run)
     with start_dev_server(Path(work_dir) / "rpc-client", config={"models": [{"name": BENCH_MODEL}],
                                                                  "state_dir": state_dir},
                           keys={"bench": BENCH_KEY}) as server:
@@ -393,7 +401,8 @@ def remote_paths(state_dir: str, work_dir: str) -> tuple[dict, dict]:
         "tokens_per_step": n_tokens,
         "inprocess": inproc,
         "model": BENCH_MODEL,
-        "note": "ratio (B1) = in-process step time / pipelined SDK step time; trivial_forward_ms (B1b) = a forward "
+        "note": "every front ran in rounds of alternating order, its rounds pooled (bench/rounds.py); "
+                "ratio (B1) = in-process step time / pipelined SDK step time; trivial_forward_ms (B1b) = a forward "
                 "of one 16-token datum through the unmodified SDK (inprocess_trivial_forward_ms: the same in this "
                 "process); trivial_round_trip_ms = an optim_step with nothing to apply; every front, the in-process loop "
                 "and local mode measured in this run on this machine; hops_ms split B1b's trivial forward per hop "
@@ -401,9 +410,9 @@ def remote_paths(state_dir: str, work_dir: str) -> tuple[dict, dict]:
                 "the rest of the batch's time in the workers, i.e. the Ray hops); "
                 "timeline_ms tiles it with the request's absolute marks (submit_to_start: client send to its batch "
                 "starting; ready_to_client: result ready to the client holding it); cpu_ms_per_step: CPU ms each "
-                "process of the server (and the SDK client) spends per pipelined step, and cpu_ms_per_trivial_forward per "
-                "B1b call, and trivial_forward_cpu_floor_ms their sum over this machine's cores: no round trip that takes that "
-                "much CPU can be faster; serve_default_loop: the "
+                "process of the server (and the SDK client) spends per pipelined step, and "
+                "cpu_ms_per_trivial_forward per B1b call, and trivial_forward_cpu_floor_ms their sum over this "
+                "machine's cores: no round trip that takes that much CPU can be faster; serve_default_loop: the "
                 "default front with Ray Serve's own 0.1 s controller interval instead of serve_control_loop_s=1; "
                 "contention: the overhead per step split into the workers' compute slowing down in the server "
                 "(contention_ms_per_step = their own fb + optim_step medians minus the in-process step: what a GPU "
