@@ -181,6 +181,22 @@ SERVE_DEFAULT_LOOP = ("direct (Serve's 0.1 s control loop)", "direct", {"serve_c
 OPERATOR_KEY = "ops-bench-key"
 
 
+GPU_ENV = "TWINKLE_BENCH_GPU"  # "1": the server's model worker and the in-process engine each on a GPU
+
+
+def bench_model() -> dict:
+    """The bench model's entry in the server config: a CPU worker, or with TWINKLE_BENCH_GPU=1 a worker
+    holding one GPU, so B1 is measured as a GPU worker sees it (its cores no longer shared with the
+    HTTP layer, the scheduler and the SDK)."""
+    gpu = os.environ.get(GPU_ENV) == "1"
+    return {"name": BENCH_MODEL, **({"gpus_per_worker": 1, "device": "auto"} if gpu else {})}
+
+
+def bench_device() -> str:
+    """Where the in-process floor runs: the same kind of device as the server's worker."""
+    return "cuda" if os.environ.get(GPU_ENV) == "1" else "cpu"
+
+
 def _p50_ms(values: list[float]) -> float:
     return round(sorted(values)[len(values) // 2] * 1000, 3)
 
@@ -275,7 +291,7 @@ def one_front(front: str, batch, vocab_size: int, state_dir: str, work_dir: str,
               folder: str | None = None, steps: int = MEASURED_STEPS) -> dict:
     """B1 and B1b through one HTTP front, with the per-hop breakdown of the trivial round trip and the
     CPU each of the server's processes spends per pipelined step."""
-    config = {"models": [{"name": BENCH_MODEL}], "state_dir": state_dir, "http_front": front,
+    config = {"models": [bench_model()], "state_dir": state_dir, "http_front": front,
               "auth": {"admin_keys": {"ops": OPERATOR_KEY}}, **(overrides or {})}
     tiny = trivial_batch(vocab_size)
     with start_dev_server(Path(work_dir) / f"rpc-{folder or front}", config=config,
@@ -312,7 +328,7 @@ def hop_breakdown(hops: dict, sdk_forward_s: float) -> dict:
 def remote_paths(state_dir: str, work_dir: str) -> tuple[dict, dict]:
     """(rpc_overhead, client_overhead): the Tinker SDK through each HTTP front and Twinkle's client
     through the default one, against the in-process loop, all in this run on this machine."""
-    engine = make_engine(state_dir)
+    engine = make_engine(state_dir, device=bench_device())
     inproc = train_step_time(engine)
     inproc_forward = trivial_forward_time(engine)
     batch, vocab_size = sft_batch(engine.vocab_size), engine.vocab_size
@@ -329,7 +345,7 @@ def remote_paths(state_dir: str, work_dir: str) -> tuple[dict, dict]:
                          steps=MEASURED_STEPS // ROUNDS)
 
     fronts = run_in_rounds(list(variants), run)
-    with start_dev_server(Path(work_dir) / "rpc-client", config={"models": [{"name": BENCH_MODEL}],
+    with start_dev_server(Path(work_dir) / "rpc-client", config={"models": [bench_model()],
                                                                  "state_dir": state_dir},
                           keys={"bench": BENCH_KEY}) as server:
         client = twinkle_client_loop(server.url, batch)
@@ -371,7 +387,7 @@ def remote_paths(state_dir: str, work_dir: str) -> tuple[dict, dict]:
             "details": sdk,
         }
     default = by_front[FRONTS[0]]
-    engine = make_engine(state_dir)
+    engine = make_engine(state_dir, device=bench_device())
     contention = {**split_overhead(inproc["p50_s"], default["sdk_pipelined_step_s"], default["worker_compute_ms_p50"]),
                   "control": step_under_load(engine, default["cpu_ms_per_step"], default["sdk_pipelined_step_s"])}
     del engine

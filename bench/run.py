@@ -3,6 +3,7 @@
     python -m bench.run            # everything
     python -m bench.run baseline   # only the in-process baseline
     TWINKLE_BENCH_SESSIONS=200 python -m bench.run multitenant   # fewer sessions for B7 (default 1000)
+    TWINKLE_BENCH_GPU=1 python -m bench.run rpc_overhead   # B1/B1b with the worker and in-process floor on a GPU
 """
 
 from __future__ import annotations

@@ -66,3 +66,16 @@ def test_a_round_trip_is_no_faster_than_its_cpu_spread_over_the_cores():
     assert cpu_floor_ms({"model_worker": 16.0, "ingress_replica": 11.0, "sdk_client": 9.0}, cores=2) == 18.0
     assert cpu_floor_ms({"model_worker": 16.0}, cores=4) == 4.0
     assert cpu_floor_ms({}) is None and cpu_floor_ms(None) is None
+
+
+def test_the_bench_worker_holds_a_gpu_only_when_asked(monkeypatch):
+    from bench.remote import GPU_ENV, bench_device, bench_model
+    from twinkle.config import ModelConfig
+
+    monkeypatch.delenv(GPU_ENV, raising=False)
+    cpu = ModelConfig.model_validate(bench_model())
+    assert cpu.gpus_per_worker == 0 and bench_device() == "cpu"
+    monkeypatch.setenv(GPU_ENV, "1")
+    gpu = ModelConfig.model_validate(bench_model())  # a strict schema: the keys are real server settings
+    assert gpu.gpus_per_worker == 1 and gpu.device == "auto" and bench_device() == "cuda"
+    assert gpu.placement()[1].get("GPU") == 1
