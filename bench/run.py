@@ -67,8 +67,8 @@ def rpc_overhead(state_dir: str) -> dict:
     for front, figures in result["fronts"].items():
         print(f"SDK via server ({front}): {figures['sdk_pipelined_step_s'] * 1000:.1f} ms/step pipelined vs "
               f"{result['inprocess_step_s'] * 1000:.1f} ms in-process -> ratio {figures['ratio']:.3f}; trivial forward "
-              f"{figures['trivial_forward_ms']:.1f} ms (in-process {result['inprocess_trivial_forward_ms']:.1f}); "
-              f"empty optim_step {figures['trivial_round_trip_ms']:.1f} ms = {figures['hops_ms']}")
+              f"{figures['trivial_forward_ms']:.1f} ms (in-process {result['inprocess_trivial_forward_ms']:.1f}), "
+              f"its hops {figures['hops_ms']}; empty optim_step {figures['trivial_round_trip_ms']:.1f} ms")
     print(f"CPU ms per pipelined step by process ({result['front']}): {result['cpu_ms_per_step']}")
     print(f"CPU ms per trivial forward by process: {result['cpu_ms_per_trivial_forward']} -> no faster than "
           f"{result['trivial_forward_cpu_floor_ms']} ms on this machine's cores")
