@@ -188,8 +188,8 @@ def bench_model() -> dict:
     """The bench model's entry in the server config: a CPU worker, or with TWINKLE_BENCH_GPU=1 a worker
     holding one GPU, so B1 is measured as a GPU worker sees it (its cores no longer shared with the
     HTTP layer, the scheduler and the SDK)."""
-    gpu = os.environ.get(GPU_ENV) == "1"
-    return {"name": BENCH_MODEL, **({"gpus_per_worker": 1, "device": "auto"} if gpu else {})}
+    on_gpu = bench_device() == "cuda"
+    return {"name": BENCH_MODEL, **({"gpus_per_worker": 1, "device": "auto"} if on_gpu else {})}
 
 
 def bench_device() -> str:
